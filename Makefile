@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine:
+#   make repro   create .venv if missing, then run the DVC pipeline
+#   make test    create .venv if missing, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+PRESET ?= cpu
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PYTHONHASHSEED := 0
+
+# schnetpack 2.2 declares Python >= 3.12 but runs on 3.11; on 3.11 install its
+# dependencies explicitly and schnetpack itself with --no-deps (DESIGN.md §6).
+SPK_DEPS := "numpy>=2,<2.5" "sympy>=1.13" ase h5py pyyaml "hydra-core>=1.1" "pytorch_lightning>=2" \
+	torchmetrics hydra-colorlog rich fasteners dirsync torch-ema "matscipy>=1.1" tqdm progressbar petname vesin
+
+.PHONY: install repro test lint preset bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	if $(BIN)/python -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then \
+	  $(BIN)/python -m pip install -q $(SPK_DEPS) && \
+	  $(BIN)/python -m pip install -q --no-deps --ignore-requires-python "schnetpack==2.2.0"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	python -m pytest -q
+
+lint: $(STAMP)
+	ruff check .
+
+# Merge presets/$(PRESET).yaml into params.yaml (PRESET=cpu restores the defaults).
+preset: $(STAMP)
+	python -m crmse.presets $(PRESET)
+
+bench: $(STAMP)
+	python benchmarks/train_throughput.py
+	python benchmarks/md_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,237 @@
+"""Load ``params.yaml`` and validate it against one schema, before any work.
+
+Every error names the key, the bad value and what is allowed. Stages call
+:func:`load_params` and read plain dicts; nothing else parses params.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crmse.molecules import ATOMIC_NUMBERS
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing a key, has an unknown key or a value out of range."""
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # int | float | str | bool | temperature | list[int] | list[str]
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+    lo_open: bool = False  # lo itself is not allowed
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(repr, self.choices))
+        bounds = []
+        if self.lo is not None:
+            bounds.append(f"{'>' if self.lo_open else '>='} {self.lo}")
+        if self.hi is not None:
+            bounds.append(f"<= {self.hi}")
+        what = {"temperature": "a temperature in K or 'auto'"}.get(self.kind, self.kind)
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _pos(kind: str = "float") -> Field:
+    return Field(kind, 0, lo_open=True)
+
+
+def _nonneg(kind: str = "int") -> Field:
+    return Field(kind, 0)
+
+
+def _prob() -> Field:
+    return Field("float", 0, 1)
+
+
+TEMPERATURE = Field("temperature", 0, 100000, lo_open=True)
+
+SCHEMA: dict[str, Any] = {
+    "molecules": Field("list[str]", choices=tuple(sorted(ATOMIC_NUMBERS))),
+    "train_sizes": Field("list[int]", 1),
+    "seeds": Field("list[int]", 0),
+    "device": Field("str", choices=("auto", "cpu", "cuda")),
+    "torch_threads": _nonneg(),
+    "data": {
+        "variant": Field("str", choices=("md17", "rmd17")),
+        "url": Field("str"),
+        "retries": _nonneg(),
+        "timeout_s": _pos(),
+    },
+    "split": {
+        "n_val": Field("int", 1),
+        "n_test": Field("int", 1),
+        "max_reference": Field("int", 100),
+    },
+    "model": {
+        "n_atom_basis": Field("int", 1),
+        "n_filters": Field("int", 1),
+        "n_interactions": Field("int", 1),
+        "n_rbf": Field("int", 1),
+        "cutoff": _pos(),
+        "dtype": Field("str", choices=("float32", "float64")),
+    },
+    "mse": {
+        "rho_energy": _nonneg("float"),
+        "rho_forces": _nonneg("float"),
+        "batch_size": Field("int", 1),
+        "lr": _pos(),
+        "lr_factor": Field("float", 0, 1, lo_open=True),
+        "lr_patience": Field("int", 1),
+        "min_lr": _pos(),
+        "max_epochs": Field("int", 1),
+        "max_minutes": _pos(),
+        "early_stopping_patience": Field("int", 1),
+        "grad_clip": _pos(),
+    },
+    "crmse": {
+        "lam": _nonneg("float"),
+        "n_chains": Field("int", 1),
+        "steps_per_iter": Field("int", 1),
+        "temperature": TEMPERATURE,
+        "dt": _pos(),
+        "friction": _nonneg("float"),
+        "p_reset": _prob(),
+        "iterations": Field("int", 1),
+        "lr": _pos(),
+        "batch_size": Field("int", 1),
+        "rho_energy": _nonneg("float"),
+        "rho_forces": _nonneg("float"),
+        "eval_every": Field("int", 1),
+        "grad_clip": _pos(),
+        "max_gap": _pos(),
+        "selection": Field("str", choices=("best_val_forces", "last")),
+    },
+    "md": {
+        "temperature": TEMPERATURE,
+        "dt": _pos(),
+        "friction": _nonneg("float"),
+        "n_replicas": Field("int", 1),
+        "equilibration_fs": _nonneg("float"),
+        "production_ps": _pos(),
+        "save_every": Field("int", 1),
+        "chunk_frames": Field("int", 1),
+        "trajectory_replica": _nonneg(),
+        "skin": _nonneg("float"),
+    },
+    "evaluate": {
+        "bond_factor": _pos(),
+        "bond_tolerance": _pos(),
+        "spurious_energy_margin": _nonneg("float"),
+        "spurious_distance_margin": _nonneg("float"),
+        "energy_bins": Field("int", 2),
+        "dihedral_bins": Field("int", 4),
+        "noise_blocks": Field("int", 2),
+    },
+    "audit": {
+        "molecules": Field("list[str]", choices=tuple(sorted(ATOMIC_NUMBERS))),
+        "n_lowest": _nonneg(),
+        "n_spurious": _nonneg(),
+        "n_random": _nonneg(),
+        "n_reference": Field("int", 2),
+        "xc": Field("str"),
+        "basis": Field("str"),
+        "max_cycle": Field("int", 1),
+    },
+}
+
+
+def _check(key: str, value: Any, field: Field) -> Any:
+    def fail(msg: str = "") -> ParamsError:
+        return ParamsError(f"params: {key} = {value!r} is invalid{': ' + msg if msg else ''}; allowed: {field.describe()}")
+
+    kind = field.kind
+    if kind.startswith("list["):
+        inner = Field(kind[5:-1], field.lo, field.hi, field.choices, field.lo_open)
+        if not isinstance(value, list) or not value:
+            raise fail("expected a non-empty list")
+        if len(set(map(str, value))) != len(value):
+            raise fail("duplicate entries")
+        return [_check(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if kind == "temperature" and value == "auto":
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise fail()
+        if field.choices and value not in field.choices:
+            raise fail()
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail()
+    if kind == "int":
+        if isinstance(value, float):
+            raise fail("expected an integer")
+    elif not math.isfinite(value):
+        raise fail()
+    if field.lo is not None and (value < field.lo or (field.lo_open and value == field.lo)):
+        raise fail()
+    if field.hi is not None and value > field.hi:
+        raise fail()
+    return float(value) if kind in ("float", "temperature") else value
+
+
+def validate(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
+    """Return a validated copy of ``params``; raise :class:`ParamsError` on the first problem."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"params: {prefix or 'top level'} must be a mapping, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise ParamsError(f"params: unknown key {prefix}{unknown[0]}; known keys here: {', '.join(schema)}")
+    out: dict[str, Any] = {}
+    for name, spec in schema.items():
+        key = prefix + name
+        if name not in params:
+            raise ParamsError(f"params: missing key {key}")
+        if isinstance(spec, dict):
+            out[name] = validate(params[name], spec, key + ".")
+        else:
+            out[name] = _check(key, params[name], spec)
+    return out
+
+
+def check_sizes(params: dict[str, Any], n_frames: dict[str, int]) -> None:
+    """Raise if a training size plus val and test sets exceeds a molecule's frame count."""
+    n_val, n_test = params["split"]["n_val"], params["split"]["n_test"]
+    for mol, n in n_frames.items():
+        for size in params["train_sizes"]:
+            if size + n_val + n_test > n:
+                raise ParamsError(
+                    f"params: train_sizes contains {size}, but {mol} has only {n} frames: "
+                    f"n_train + split.n_val + split.n_test = {size} + {n_val} + {n_test} must be <= {n}"
+                )
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Read and validate params.yaml (raises :class:`ParamsError` naming the key)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params: {path} not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params: {path} is not valid YAML: {exc}") from exc
+    return validate(raw)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, recursively (for presets)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
