@@ -133,7 +133,9 @@ def validate_frames(arrays: dict[str, np.ndarray], molecule: str, source: str = 
         bad = ~np.isfinite(arr)
         if bad.any():
             frames = np.unique(np.nonzero(bad)[0])
-            raise DataError(f"{source}: {name} has non-finite values in {len(frames)} frame(s), first at frame {frames[0]}")
+            raise DataError(
+                f"{source}: {name} has non-finite values in {len(frames)} frame(s), first at frame {frames[0]}"
+            )
     # Units: total energies must be near the sum of free-atom energies in kcal/mol
     # (eV, Hartree or kJ/mol are off by factors of 23, 627 or 4.2).
     atoms = sum(_ATOM_ENERGY_HA.get(int(a), -0.5 * int(a) ** 2) for a in z) * HARTREE

@@ -8,6 +8,7 @@ source is tried; a file that arrives but fails validation is a hard error
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import time
@@ -51,12 +52,14 @@ def _fetch(location: str, dest: Path, timeout: float) -> None:
     with urllib.request.urlopen(request, timeout=timeout) as resp, open(dest, "wb") as out:
         total = resp.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
+        received = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=Path(location).name, leave=False) as bar:
             while block := resp.read(1 << 20):
                 out.write(block)
+                received += len(block)
                 bar.update(len(block))
-        if total is not None and dest.stat().st_size != total:
-            raise DataError(f"{location}: truncated download ({dest.stat().st_size} of {total} bytes)")
+        if total is not None and received != total:
+            raise DataError(f"{location}: truncated download ({received} of {total} bytes)")
 
 
 def download(
@@ -85,7 +88,7 @@ def download(
                 except (urllib.error.HTTPError, FileNotFoundError) as exc:
                     errors.append(f"{location}: {exc}")
                     break  # not there: no point retrying this source
-                except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
                     errors.append(f"{location} (attempt {attempt + 1}): {exc}")
                     if attempt < retries:
                         time.sleep(backoff * 2**attempt)

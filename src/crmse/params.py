@@ -147,7 +147,8 @@ SCHEMA: dict[str, Any] = {
 
 def _check(key: str, value: Any, field: Field) -> Any:
     def fail(msg: str = "") -> ParamsError:
-        return ParamsError(f"params: {key} = {value!r} is invalid{': ' + msg if msg else ''}; allowed: {field.describe()}")
+        why = f": {msg}" if msg else ""
+        return ParamsError(f"params: {key} = {value!r} is invalid{why}; allowed: {field.describe()}")
 
     kind = field.kind
     if kind.startswith("list["):

@@ -1,0 +1,204 @@
+"""Download stage: loopback HTTP server only, never the network."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import synthetic_arrays, write_synthetic_npz
+
+from crmse.data import DataError, load_frames
+from crmse.download import MIRROR_ENV, DownloadError, download, sources
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, bytes, dict]] = {}
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        self.hits.append(self.path)
+        status, body, headers = self.routes.get(self.path, (404, b"not found", {}))
+        self.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Handler.routes, _Handler.hits = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _npz_bytes(tmp_path: Path, **override) -> bytes:
+    return write_synthetic_npz(tmp_path / "src" / "f.npz", **override).read_bytes()
+
+
+def _run(tmp_path: Path, base: str, env: dict | None = None, **kw):
+    out = tmp_path / "data" / "raw"
+    return download("ethanol", out / "ethanol.npz", out / "ethanol.json", url=base, env=env or {}, backoff=0.01, **kw)
+
+
+def _outputs(tmp_path: Path) -> list[Path]:
+    raw = tmp_path / "data" / "raw"
+    return sorted(raw.iterdir()) if raw.exists() else []
+
+
+def test_successful_download_writes_validated_file_and_metadata(tmp_path, server):
+    base, handler = server
+    body = _npz_bytes(tmp_path)
+    handler.routes["/md17_ethanol.npz"] = (200, body, {})
+    meta = _run(tmp_path, base)
+    assert meta["frames"] == 120 and meta["n_atoms"] == 9
+    assert meta["source"] == f"{base}/md17_ethanol.npz"
+    assert (tmp_path / "data/raw/ethanol.npz").read_bytes() == body
+    frames = load_frames(tmp_path / "data/raw/ethanol.npz", "ethanol")
+    assert frames.E.shape == (120,)
+    assert [p.name for p in _outputs(tmp_path)] == ["ethanol.json", "ethanol.npz"]
+
+
+def test_mirror_folder_is_tried_before_upstream(tmp_path, server):
+    base, handler = server
+    mirror = tmp_path / "mirror"
+    write_synthetic_npz(mirror / "md17_ethanol.npz")
+    meta = _run(tmp_path, base, env={MIRROR_ENV: str(mirror)})
+    assert meta["source"] == f"{mirror}/md17_ethanol.npz"
+    assert handler.hits == []  # upstream never asked
+
+
+def test_missing_mirror_file_falls_back_to_upstream(tmp_path, server):
+    base, handler = server
+    handler.routes["/md17_ethanol.npz"] = (200, _npz_bytes(tmp_path), {})
+    meta = _run(tmp_path, base, env={MIRROR_ENV: str(tmp_path / "empty_mirror")})
+    assert meta["source"].startswith(base)
+
+
+def test_sources_order():
+    assert sources("http://up", {MIRROR_ENV: "/m"}) == ["/m", "http://up"]
+    assert sources("http://up", {}) == ["http://up"]
+
+
+def test_truncated_body_is_rejected_and_leaves_nothing(tmp_path, server):
+    base, handler = server
+    body = _npz_bytes(tmp_path)
+    # Claim the full length but send half: the client sees a short read.
+    handler.routes["/md17_ethanol.npz"] = (200, body[: len(body) // 2], {})
+    with pytest.raises(DataError, match="truncated|corrupt"):
+        _run(tmp_path, base)
+    assert _outputs(tmp_path) == []
+
+
+def test_content_length_mismatch_is_truncation(tmp_path, server):
+    base, handler = server
+    body = _npz_bytes(tmp_path)
+    handler.routes["/md17_ethanol.npz"] = (200, body[:1000], {"Content-Length": str(len(body))})
+    with pytest.raises((DataError, DownloadError)):
+        _run(tmp_path, base, retries=0)
+    assert _outputs(tmp_path) == []
+
+
+def test_html_error_page_is_rejected(tmp_path, server):
+    base, handler = server
+    handler.routes["/md17_ethanol.npz"] = (200, b"<!DOCTYPE html><html><body>Service unavailable</body></html>", {})
+    with pytest.raises(DataError, match="HTML"):
+        _run(tmp_path, base)
+    assert _outputs(tmp_path) == []
+
+
+def test_http_404_everywhere_names_every_source(tmp_path, server):
+    base, _ = server
+    with pytest.raises(DownloadError, match="404"):
+        _run(tmp_path, base)
+    assert _outputs(tmp_path) == []
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path):
+    with pytest.raises(DownloadError, match=r"attempt 3"):
+        _run(tmp_path, "http://127.0.0.1:9", retries=2, timeout=2)
+    assert _outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"R": np.zeros((120, 8, 3))}, "R must have shape"),
+        ({"F": np.zeros((120, 9, 2))}, "F must have the shape"),
+        ({"E": np.zeros((119, 1))}, "E must have shape"),
+        ({"z": np.array([6, 6, 8, 1, 1, 1, 1, 1, 7], dtype=np.uint8)}, "wrong molecule"),
+    ],
+)
+def test_wrong_shapes_and_atoms_are_rejected(tmp_path, server, override, message):
+    base, handler = server
+    handler.routes["/md17_ethanol.npz"] = (200, _npz_bytes(tmp_path, **override), {})
+    with pytest.raises(DataError, match=message):
+        _run(tmp_path, base)
+    assert _outputs(tmp_path) == []
+
+
+def test_nan_energies_are_rejected(tmp_path, server):
+    base, handler = server
+    arrays = synthetic_arrays()
+    E = arrays["E"].copy()
+    E[17] = np.nan
+    handler.routes["/md17_ethanol.npz"] = (200, _npz_bytes(tmp_path, E=E), {})
+    with pytest.raises(DataError, match="E has non-finite values .* frame 17"):
+        _run(tmp_path, base)
+    assert _outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize(("scale", "what"), [(1 / 23.06, "energ"), (1 / 627.5, "energ")])
+def test_wrong_energy_units_are_rejected(tmp_path, server, scale, what):
+    base, handler = server
+    arrays = synthetic_arrays()
+    handler.routes["/md17_ethanol.npz"] = (200, _npz_bytes(tmp_path, E=arrays["E"] * scale), {})
+    with pytest.raises(DataError, match=what):
+        _run(tmp_path, base)
+
+
+def test_existing_output_survives_a_failed_download(tmp_path, server):
+    base, handler = server
+    good = tmp_path / "data/raw/ethanol.npz"
+    write_synthetic_npz(good)
+    before = good.read_bytes()
+    handler.routes["/md17_ethanol.npz"] = (200, b"garbage" * 100, {})
+    with pytest.raises(DataError):
+        _run(tmp_path, base)
+    assert good.read_bytes() == before
+
+
+def test_rmd17_layout_is_accepted(tmp_path):
+    a = synthetic_arrays()
+    path = tmp_path / "rmd17_ethanol.npz"
+    np.savez(
+        path,
+        nuclear_charges=a["z"],
+        coords=a["R"],
+        energies=a["E"][:, 0] + 120.0,
+        forces=a["F"],
+        old_indices=a["md17_index"][::-1].copy(),
+        old_energies=a["E"][:, 0],
+        old_forces=a["F"],
+    )
+    rmd = load_frames(path, "ethanol", "rmd17")
+    md = load_frames(path, "ethanol", "md17")
+    np.testing.assert_allclose(rmd.E - md.E, 120.0)
+    assert np.all(np.diff(rmd.md17_index) > 0)  # sorted into MD order
+
+
+def test_unknown_molecule(tmp_path):
+    shutil.copy(write_synthetic_npz(tmp_path / "x.npz"), tmp_path / "y.npz")
+    with pytest.raises(ValueError, match="unknown molecule 'benzol'.*aspirin, ethanol"):
+        load_frames(tmp_path / "y.npz", "benzol")

@@ -1,0 +1,104 @@
+"""params.yaml validation: every bad value is named with what is allowed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crmse.params import ParamsError, check_sizes, load_params, validate
+from crmse.presets import apply_preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p["molecules"] and p["train_sizes"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("molecules",), ["ethanol", "benzol"], r"molecules\[1\] = 'benzol'.*one of 'aspirin', 'ethanol'"),
+        (("train_sizes",), [200, -5], r"train_sizes\[1\] = -5.*>= 1"),
+        (("train_sizes",), [], r"train_sizes = \[\].*non-empty"),
+        (("train_sizes",), [200, 200], r"duplicate"),
+        (("device",), "tpu", r"device = 'tpu'.*'auto', 'cpu', 'cuda'"),
+        (("md", "temperature"), "hot", r"md.temperature = 'hot'.*'auto'"),
+        (("md", "temperature"), -10, r"md.temperature = -10.*> 0"),
+        (("md", "dt"), 0, r"md.dt = 0.*> 0"),
+        (("crmse", "p_reset"), 1.5, r"crmse.p_reset = 1.5.*<= 1"),
+        (("crmse", "n_chains"), 2.5, r"crmse.n_chains = 2.5.*integer"),
+        (("mse", "lr"), "fast", r"mse.lr = 'fast'"),
+        (("mse", "lr"), float("nan"), r"mse.lr = nan"),
+        (("data", "variant"), "md22", r"data.variant = 'md22'.*'md17', 'rmd17'"),
+        (("model", "n_interactions"), True, r"model.n_interactions = True"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(params, path, value, message):
+    bad = copy.deepcopy(params)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=message):
+        validate(bad)
+
+
+def test_missing_and_unknown_keys(params):
+    bad = copy.deepcopy(params)
+    del bad["md"]["dt"]
+    with pytest.raises(ParamsError, match="missing key md.dt"):
+        validate(bad)
+    bad = copy.deepcopy(params)
+    bad["md"]["timestep"] = 1
+    with pytest.raises(ParamsError, match="unknown key md.timestep"):
+        validate(bad)
+
+
+def test_temperature_accepts_auto_and_numbers(params):
+    p = copy.deepcopy(params)
+    p["md"]["temperature"] = 500
+    assert validate(p)["md"]["temperature"] == 500.0
+    p["md"]["temperature"] = "auto"
+    assert validate(p)["md"]["temperature"] == "auto"
+
+
+def test_training_size_larger_than_data(params):
+    p = validate(params)
+    p["train_sizes"] = [9000]
+    with pytest.raises(ParamsError, match=r"train_sizes contains 9000, but ethanol has only 9633 frames"):
+        check_sizes(p, {"ethanol": 9633})
+    check_sizes(validate(params), {"ethanol": 9633})
+
+
+def test_load_params_reports_bad_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("molecules: [ethanol\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_presets_are_valid_and_cpu_restores_defaults(tmp_path):
+    presets = REPO / "presets"
+    names = sorted(p.stem for p in presets.glob("*.yaml"))
+    assert "cpu" in names and "paper" in names
+    target = tmp_path / "params.yaml"
+    target.write_text((REPO / "params.yaml").read_text())
+    default = load_params(target)
+    for name in names:
+        apply_preset(name, target, presets)
+        assert load_params(target)  # every preset yields valid params
+    apply_preset("cpu", target, presets)
+    assert load_params(target) == default
+    with pytest.raises(ParamsError, match="unknown preset 'huge'"):
+        apply_preset("huge", target, presets)
