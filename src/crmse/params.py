@@ -110,6 +110,7 @@ SCHEMA: dict[str, Any] = {
         "grad_clip": _pos(),
         "max_gap": _pos(),
         "selection": Field("str", choices=("best_val_forces", "last")),
+        "select_after": _prob(),
     },
     "md": {
         "temperature": TEMPERATURE,
@@ -122,6 +123,7 @@ SCHEMA: dict[str, Any] = {
         "chunk_frames": Field("int", 1),
         "trajectory_replica": _nonneg(),
         "skin": _nonneg("float"),
+        "conf_temperature_frames": _nonneg(),
     },
     "evaluate": {
         "bond_factor": _pos(),
@@ -131,6 +133,8 @@ SCHEMA: dict[str, Any] = {
         "energy_bins": Field("int", 2),
         "dihedral_bins": Field("int", 4),
         "noise_blocks": Field("int", 2),
+        "conf_temperature_frames": Field("int", 1),
+        "batch_size": Field("int", 1),
     },
     "audit": {
         "molecules": Field("list[str]", choices=tuple(sorted(ATOMIC_NUMBERS))),
@@ -141,6 +145,11 @@ SCHEMA: dict[str, Any] = {
         "xc": Field("str"),
         "basis": Field("str"),
         "max_cycle": Field("int", 1),
+        "conv_tol": _pos(),
+        "density_fit": Field("bool"),
+        "grid_level": Field("int", 0, 9),
+        "soscf_fallback": Field("bool"),
+        "threads": Field("int", 1),
     },
 }
 

@@ -1,0 +1,277 @@
+"""CRMSE post-training: MSE plus a contrastive term driven by persistent Langevin chains.
+
+L = L_MSE(batch) + λ·L_C,   L_C = β·( mean_{x∈batch} E_θ(x) − mean_{x∈chains} E_θ(stopgrad x) ).
+
+Its θ-gradient is β(⟨∇_θE⟩_data − ⟨∇_θE⟩_chains), the gradient of KL(p_data ‖ p_θ) for
+p_θ ∝ exp(−βE_θ) when the chains sample p_θ: data energies go down, energies of what the
+model samples (including spurious minima it drifts into) go up. The KL argument needs
+β = 1/(k_B T_data), hence T_chain = ``auto`` (configurational temperature of the data).
+
+The chains are persistent (DESIGN.md §3: chains that live ~250 fs never reach the holes
+MD falls into after ≥ 1 ps); they restart from a random training frame only on blow-up
+or with probability ``p_reset`` per iteration.
+
+L_C is blind to a constant energy offset, and ρ_E = 0.01 barely holds one, so the
+prototype lost energy accuracy to a drifting constant. A constant changes neither forces
+nor p_θ, so it is re-fitted in closed form (mean residual on the training energies)
+before every validation and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crmse.data import Frames
+from crmse.langevin import Langevin, LangevinState, StabilityCheck
+from crmse.train import evaluate_errors, mse_loss
+from crmse.units import beta as inverse_temperature
+from crmse.units import masses as atomic_masses
+
+SpuriousFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class CRMSEConfig:
+    """Settings of one CRMSE run (units: K, fs, 1/fs, kcal/mol)."""
+
+    lam: float = 1.0
+    n_chains: int = 64
+    steps_per_iter: int = 20
+    temperature: float = 500.0
+    dt: float = 0.5
+    friction: float = 0.01
+    p_reset: float = 0.0
+    iterations: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 32
+    rho_energy: float = 0.01
+    rho_forces: float = 0.99
+    eval_every: int = 100
+    grad_clip: float = 10.0
+    max_gap: float = 3.0
+    selection: str = "best_val_forces"
+    select_after: float = 0.5
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], temperature: float, seed: int) -> CRMSEConfig:
+        fields = {k: v for k, v in section.items() if k in cls.__dataclass_fields__ and k != "temperature"}
+        return cls(**fields, temperature=float(temperature), seed=int(seed))
+
+
+def contrastive_loss(E_data: Tensor, model: Any, R_chains: Tensor, beta: float, alive: Tensor | None = None) -> tuple:
+    """L_C = β(mean E_data − mean E_θ(stopgrad R_chains)); also returns the chains' energies (B,).
+
+    ``E_data`` (B_data,) must carry the θ-graph; chain positions are detached so no
+    gradient ever flows into them. Chains with ``alive`` False are left out of the mean.
+    """
+    E_chains = model.energy(R_chains.detach())
+    if alive is not None:
+        weights = alive.to(E_chains.dtype)
+        chain_mean = (E_chains * weights).sum() / weights.sum().clamp_min(1.0)
+    else:
+        chain_mean = E_chains.mean()
+    return beta * (E_data.mean() - chain_mean), E_chains
+
+
+class PersistentChains:
+    """M Langevin chains on the current model's surface, carried across iterations.
+
+    Chains start from random training frames; a chain that blows up (non-finite, or a bond
+    beyond the stability tolerance) restarts from a random training frame and is counted,
+    and every chain restarts with probability ``p_reset`` per iteration.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        train_R: Tensor,
+        masses: np.ndarray,
+        cfg: CRMSEConfig,
+        stability: StabilityCheck | None,
+        generator: torch.Generator,
+    ) -> None:
+        self.model = model
+        self.train_R = train_R
+        self.p_reset = cfg.p_reset
+        self.generator = generator
+        self.engine = Langevin(
+            self._energy_forces,
+            masses,
+            cfg.dt,
+            cfg.temperature,
+            cfg.friction,
+            stability,
+            device=train_R.device,
+            dtype=train_R.dtype,
+        )
+        self.state: LangevinState = self.engine.init_state(self._random_frames(cfg.n_chains), generator)
+        self.age = torch.zeros(cfg.n_chains, dtype=torch.long, device=train_R.device)
+
+    def _energy_forces(self, R: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.energy_and_forces(R, create_graph=False)
+
+    def _random_frames(self, n: int) -> Tensor:
+        idx = torch.randint(len(self.train_R), (n,), generator=self.generator, device=self.train_R.device)
+        return self.train_R[idx]
+
+    def advance(self, n_steps: int) -> dict[str, Tensor]:
+        """K Langevin steps, then restarts; returns device scalars (blow-ups, random resets, mean age in steps)."""
+        self.engine.step(self.state, n_steps)
+        self.age += n_steps
+        dead = ~self.state.alive
+        rand = torch.rand(len(dead), generator=self.generator, device=dead.device) < self.p_reset
+        reset = dead | rand
+        # One host sync per iteration (not per step): skip the extra model evaluation when nothing restarts.
+        if bool(reset.any()):
+            self.engine.reset(self.state, reset, self._random_frames(len(reset)))
+            self.age = torch.where(reset, 0, self.age)
+        return {"blowups": dead.sum(), "random_resets": (rand & ~dead).sum(), "chain_age": self.age.double().mean()}
+
+
+@dataclass
+class CRMSEResult:
+    """Selected weights, logs and the selection record of one CRMSE run."""
+
+    state_dict: dict[str, Tensor]
+    selected_iteration: int
+    selection_note: str
+    log: list[dict[str, float]] = field(default_factory=list)
+    val_log: list[dict[str, float]] = field(default_factory=list)
+    temperature: float = 0.0
+    wall_s: float = 0.0
+
+
+def refit_energy_offset(model: Any, frames: Frames, batch_size: int = 256) -> float:
+    """Shift the model's energies by the mean training residual (kcal/mol); return the shift applied.
+
+    A constant changes neither forces nor exp(−βE) sampling; the contrastive term cannot
+    see it, so it is fitted in closed form instead of by the weak ρ_E-weighted gradient.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    residuals = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch_size):
+            R = torch.as_tensor(frames.R[i : i + batch_size], device=device, dtype=dtype)
+            residuals.append(frames.E[i : i + batch_size] - model.energy(R).double().cpu().numpy())
+    delta = float(np.mean(np.concatenate(residuals)))
+    model.shift_energy(delta)
+    return delta
+
+
+def train_crmse(
+    model: torch.nn.Module,
+    train: Frames,
+    val: Frames,
+    cfg: CRMSEConfig,
+    stability: StabilityCheck | None = None,
+    spurious: SpuriousFn | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> CRMSEResult:
+    """Run CRMSE post-training on ``model`` (modified in place; the selected weights are returned).
+
+    ``spurious(R (M, n, 3), E (M,)) -> bool (M,)`` flags chains in a spurious state (logging only).
+    Selection: ``best_val_forces`` = lowest validation force MAE among evaluations after
+    ``select_after``·iterations whose mean contrastive gap over the preceding window is within
+    ``max_gap`` kcal/mol (else the last evaluation); ``last`` = final weights.
+    """
+    if cfg.selection not in ("best_val_forces", "last"):
+        raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: 'best_val_forces', 'last'")
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    chain_gen = torch.Generator(device=device)
+    chain_gen.manual_seed(cfg.seed + 7919)
+    dtype = next(model.parameters()).dtype
+    model.to(device).train()
+    beta = inverse_temperature(cfg.temperature)
+    train_R = torch.as_tensor(train.R, device=device, dtype=dtype)
+    train_E = torch.as_tensor(train.E, device=device, dtype=torch.float64)
+    train_F = torch.as_tensor(train.F, device=device, dtype=dtype)
+    chains = PersistentChains(model, train_R, atomic_masses(train.z), cfg, stability, chain_gen)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    log: list[dict[str, float]] = []
+    val_log: list[dict[str, float]] = []
+    pending: list[dict[str, Tensor]] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.iterations + 1), desc="CRMSE", unit="it", disable=not progress)
+    for it in bar:
+        stats = chains.advance(cfg.steps_per_iter)
+        idx = torch.randint(len(train_R), (min(cfg.batch_size, len(train_R)),), generator=gen, device=device)
+        opt.zero_grad(set_to_none=True)
+        E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True)
+        l_mse, _, _ = mse_loss(E_data, F_data, train_E[idx], train_F[idx], cfg.rho_energy, cfg.rho_forces)
+        l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, chains.state.alive)
+        loss = l_mse + cfg.lam * l_c
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        row = {
+            "l_mse": l_mse.detach(),
+            "l_c": l_c.detach(),
+            "gap": (E_data.detach().mean() - chains.state.E[chains.state.alive].mean()),
+            "e_data": E_data.detach().mean(),
+            "e_chain": E_chain.detach().mean(),
+            **stats,
+        }
+        if spurious is not None:
+            row["n_spurious"] = spurious(chains.state.R, chains.state.E).sum()
+        pending.append(row)
+
+        if it % cfg.eval_every == 0 or it == cfg.iterations:
+            # Host sync only here: flush the window's device scalars into the log.
+            window = [{k: float(v) for k, v in r.items()} for r in pending]
+            for j, r in enumerate(window):
+                log.append({"iteration": it - len(window) + 1 + j, **r})
+            pending = []
+            if not all(math.isfinite(r["l_mse"]) and math.isfinite(r["l_c"]) for r in window):
+                bad = next(r["iteration"] for r in log[-len(window) :] if not math.isfinite(r["l_mse"] + r["l_c"]))
+                raise FloatingPointError(f"CRMSE: non-finite loss at iteration {int(bad)}; no checkpoint written")
+            gap = float(np.mean([r["gap"] for r in window]))
+            offset = refit_energy_offset(model, train)
+            errors = evaluate_errors(model, val, batch_size=64)
+            model.train()
+            entry = {
+                "iteration": it,
+                "val_energy_mae": errors["energy_mae"],
+                "val_force_mae": errors["force_mae"],
+                "gap": gap,
+                "offset_refit": offset,
+                "blowups": float(sum(r["blowups"] for r in window)),
+                "n_spurious": float(window[-1].get("n_spurious", float("nan"))),
+                "wall_s": time.perf_counter() - start,
+            }
+            val_log.append(entry)
+            bar.set_postfix(gap=f"{gap:.2f}", fmae=f"{errors['force_mae']:.3f}", emae=f"{errors['energy_mae']:.3f}")
+            eligible = it >= cfg.select_after * cfg.iterations and abs(gap) <= cfg.max_gap
+            if cfg.selection == "best_val_forces" and eligible and (best is None or errors["force_mae"] < best[0]):
+                best = (errors["force_mae"], it, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    bar.close()
+
+    if best is not None:
+        state, selected, note = best[2], best[1], (
+            f"best validation force MAE after {cfg.select_after:.0%} of the iterations with |gap| <= {cfg.max_gap}"
+        )
+    else:
+        state, selected = {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg.iterations
+        note = "last iteration" if cfg.selection == "last" else (
+            f"last iteration: no evaluation after {cfg.select_after:.0%} had |gap| <= {cfg.max_gap} kcal/mol"
+        )
+    model.load_state_dict(state)
+    model.eval()
+    return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)

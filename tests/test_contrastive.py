@@ -1,0 +1,197 @@
+"""CRMSE: the contrastive gradient, chain handling, and a toy model with a spurious well."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crmse.contrastive import CRMSEConfig, PersistentChains, contrastive_loss, refit_energy_offset, train_crmse
+from crmse.data import Frames
+from crmse.langevin import Langevin
+from crmse.units import KB, masses
+
+# A diatomic "molecule" (2 H atoms) whose energy depends on the bond length r (Å):
+#   E_θ(r) = k/2 (r − r0)² − A·s(r) + c,   s(r) = (1 − ((r − r_w)/w)²)² on |r − r_w| < w, else 0.
+# The true surface has A = 0. The bump s lives on [1.5, 2.3] Å where the data never goes
+# (training frames have r < 1.45 Å), so MSE has exactly zero gradient on A: a model born
+# with A > 0 keeps its spurious well however long MSE trains. Only sampling finds it.
+R_WELL, W_WELL, T_TOY = 1.9, 0.4, 400.0
+
+
+class ToyDiatomic(torch.nn.Module):
+    def __init__(self, k: float = 20.0, r0: float = 1.0, A: float = 12.0) -> None:
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
+        self.r0 = torch.nn.Parameter(torch.tensor(r0, dtype=torch.float64))
+        self.A = torch.nn.Parameter(torch.tensor(A, dtype=torch.float64))
+        self.register_buffer("c", torch.tensor(0.0, dtype=torch.float64))
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def energy(self, R: torch.Tensor) -> torch.Tensor:
+        r = (R[:, 1] - R[:, 0]).norm(dim=-1)
+        u = (r - R_WELL) / W_WELL
+        bump = torch.where(u.abs() < 1, (1 - u * u) ** 2, torch.zeros_like(u))
+        return 0.5 * self.k * (r - self.r0) ** 2 - self.A * bump + self.c
+
+    def energy_and_forces(self, R: torch.Tensor, create_graph: bool = False):
+        with torch.enable_grad():
+            x = R if R.requires_grad else R.detach().requires_grad_(True)
+            E = self.energy(x)
+            (g,) = torch.autograd.grad(E.sum(), x, create_graph=create_graph)
+        return E, -g
+
+    def shift_energy(self, delta: float) -> None:
+        self.c += delta
+
+
+def _sample_bond_lengths(model: ToyDiatomic, n_rep: int, n_steps: int, seed: int, r_start: np.ndarray) -> np.ndarray:
+    """Bond lengths of Langevin samples of exp(−E_θ/k_BT) at T_TOY (model frozen)."""
+    R = np.zeros((n_rep, 2, 3))
+    R[:, 1, 0] = r_start
+    engine = Langevin(
+        lambda x: model.energy_and_forces(x), masses(np.array([1, 1])), 1.0, T_TOY, 0.05, dtype=torch.float64
+    )
+    state = engine.init_state(R, seed)
+    out = engine.run(state, n_steps, save_every=10)
+    pos = out["R"][n_steps // 20 :]  # drop the first half as equilibration
+    return (pos[..., 1, :] - pos[..., 0, :]).norm(dim=-1).flatten().numpy()
+
+
+def _toy_data(n: int, seed: int = 0) -> Frames:
+    """Boltzmann samples of the true surface (A = 0) at T_TOY, never beyond 1.45 Å."""
+    rng = np.random.default_rng(seed)
+    sigma = np.sqrt(KB * T_TOY / 20.0)
+    r = 1.0 + sigma * rng.standard_normal(4 * n)
+    r = r[(r > 0.5) & (r < 1.45)][:n]
+    directions = rng.standard_normal((n, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    R = np.zeros((n, 2, 3))
+    R[:, 1] = r[:, None] * directions
+    E = 0.5 * 20.0 * (r - 1.0) ** 2
+    F = np.zeros_like(R)
+    F[:, 1] = -(20.0 * (r - 1.0))[:, None] * directions
+    F[:, 0] = -F[:, 1]
+    return Frames(np.array([1, 1]), R, E, F, np.arange(n))
+
+
+def _cfg(**kw) -> CRMSEConfig:
+    base = dict(
+        lam=1.0, n_chains=32, steps_per_iter=20, temperature=T_TOY, dt=1.0, friction=0.05, p_reset=0.0,
+        iterations=150, lr=0.05, batch_size=32, rho_energy=0.01, rho_forces=0.99, eval_every=50,
+        grad_clip=100.0, max_gap=100.0, selection="last", seed=0,
+    )
+    base.update(kw)
+    return CRMSEConfig(**base)
+
+
+def test_contrastive_gradient_is_the_kl_gradient():
+    torch.manual_seed(0)
+    model = ToyDiatomic(A=3.0)
+    data = _toy_data(16)
+    R_data = torch.as_tensor(data.R)
+    R_chain = R_data.clone()
+    R_chain[:, 1] *= 1.9 / R_chain[:, 1].norm(dim=-1, keepdim=True)  # chains sitting in the well
+    beta = 1 / (KB * T_TOY)
+    E_data = model.energy(R_data)
+    loss, _ = contrastive_loss(E_data, model, R_chain, beta)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    def mean_grad(R: torch.Tensor) -> list[torch.Tensor]:
+        per = [torch.autograd.grad(model.energy(R[i : i + 1]).sum(), list(model.parameters())) for i in range(len(R))]
+        return [torch.stack([p[j] for p in per]).mean(0) for j in range(len(per[0]))]
+
+    expected = [beta * (gd - gc) for gd, gc in zip(mean_grad(R_data), mean_grad(R_chain), strict=True)]
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    assert grads[2] > 0  # d/dA > 0: gradient descent lowers A, i.e. raises the well
+
+
+def test_no_gradient_flows_into_chain_positions():
+    model = ToyDiatomic()
+    R_chain = torch.as_tensor(_toy_data(8).R).requires_grad_(True)
+    loss, _ = contrastive_loss(model.energy(torch.as_tensor(_toy_data(8, 1).R)), model, R_chain, 1.0)
+    loss.backward()
+    assert R_chain.grad is None
+    assert model.A.grad is not None
+
+
+def test_dead_chains_are_left_out_of_the_mean():
+    model = ToyDiatomic(A=0.0)
+    R = torch.as_tensor(_toy_data(4).R)
+    E_data = model.energy(R)
+    alive = torch.tensor([True, True, False, False])
+    loss, E_chain = contrastive_loss(E_data, model, R, 2.0, alive)
+    torch.testing.assert_close(loss, 2.0 * (E_data.mean() - E_chain[:2].mean()))
+
+
+def test_blown_up_chains_restart_from_training_frames_and_are_counted():
+    model = ToyDiatomic(A=0.0)
+    data = _toy_data(32)
+    cfg = _cfg(n_chains=8, p_reset=0.0)
+    gen = torch.Generator().manual_seed(0)
+    chains = PersistentChains(model, torch.as_tensor(data.R), masses(data.z), cfg, None, gen)
+    chains.state.R[3] = float("nan")  # one chain explodes
+    chains.state.alive[3] = False
+    stats = chains.advance(5)
+    assert int(stats["blowups"]) == 1
+    assert bool(chains.state.alive.all()) and torch.isfinite(chains.state.R).all()
+    r = (chains.state.R[3, 1] - chains.state.R[3, 0]).norm()
+    assert r < 1.5  # back at a training-like geometry
+    assert int(chains.age[3]) == 0 and int(chains.age[0]) == 5
+
+
+def test_lambda_zero_is_mse_fine_tuning_whatever_the_chains_do():
+    data = _toy_data(64)
+    runs = []
+    for temperature, p_reset in ((200.0, 0.0), (900.0, 0.3)):
+        model = ToyDiatomic(k=15.0, A=12.0)
+        cfg = _cfg(lam=0.0, temperature=temperature, p_reset=p_reset, iterations=30)
+        train_crmse(model, data, data, cfg, progress=False)
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key])
+    assert runs[0]["k"].item() > 16.0  # MSE moved k from 15 towards the true 20
+    assert runs[0]["A"].item() == 12.0  # and cannot see the well
+
+
+def test_offset_refit_removes_a_constant_error():
+    data = _toy_data(64)
+    model = ToyDiatomic(A=0.0)
+    model.c += 3.0
+    delta = refit_energy_offset(model, data)
+    assert delta == pytest.approx(-3.0, abs=1e-9)
+    assert float(model.c) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_crmse_raises_a_spurious_well_that_mse_cannot_see():
+    data = _toy_data(256)
+    r_data = np.linalg.norm(data.R[:, 1] - data.R[:, 0], axis=1)
+    models = {}
+    for name, lam in (("mse", 0.0), ("crmse", 1.0)):
+        model = ToyDiatomic(A=12.0)
+        train_crmse(model, data, data, _cfg(lam=lam, iterations=200, lr=0.1), progress=False)
+        models[name] = model
+    assert models["mse"].A.item() == 12.0
+    assert models["crmse"].A.item() < 9.0  # the well was raised by > 3 kcal/mol
+
+    start = np.random.default_rng(1).choice(r_data, 64)
+    occupancy, w1 = {}, {}
+    from scipy.stats import wasserstein_distance
+
+    for name, model in models.items():
+        r = _sample_bond_lengths(model, 64, 4000, seed=2, r_start=start)
+        occupancy[name] = float(np.mean(r > 1.5))
+        w1[name] = wasserstein_distance(r, r_data)
+    # MSE's samples pile into the spurious well; CRMSE's look like the data.
+    assert occupancy["mse"] > 0.3
+    assert occupancy["crmse"] < 0.1 * occupancy["mse"]
+    assert w1["crmse"] < 0.25 * w1["mse"]

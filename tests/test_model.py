@@ -1,0 +1,221 @@
+"""crmse.model: forces are −∂E/∂R, E is invariant, batching is exact, checkpoints and ASE calculators agree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import schnetpack.properties as props
+import torch
+from ase import Atoms
+from synthetic import reference_frame, synthetic_arrays
+
+from crmse.data import Frames
+from crmse.model import (
+    CRMSECalculator,
+    Potential,
+    build_model,
+    energy_scaling,
+    export_schnetpack,
+    kcal_per_mol_in_ev,
+    load_checkpoint,
+    pair_index,
+    resolve_device,
+    save_checkpoint,
+    spk_calculator,
+)
+
+TINY = {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 2, "n_rbf": 8, "cutoff": 5.0}
+
+
+def frames(molecule: str = "ethanol", n: int = 16, seed: int = 0) -> Frames:
+    a = synthetic_arrays(molecule, n, seed)
+    return Frames(a["z"].astype(np.int64), a["R"], a["E"][:, 0], a["F"], a["md17_index"])
+
+
+def tiny(molecule: str = "ethanol", dtype: str = "float64", seed: int = 0) -> tuple[Potential, Frames]:
+    fr = frames(molecule)
+    torch.manual_seed(seed)
+    return build_model(fr.z, {**TINY, "dtype": dtype}, fr), fr
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def test_forces_are_minus_energy_gradient_by_finite_differences():
+    model, fr = tiny("ethanol", "float64")
+    # Without the −10⁵ kcal/mol offset (it has no gradient) so that the difference quotient is
+    # not swamped by the rounding of absolute energies (ulp(97,000) / h ≈ 1e-6).
+    model.mean = 0.0
+    R = torch.tensor(fr.R[:2])
+    _, F = model.energy_and_forces(R)
+    h = 1e-5
+    rng = np.random.default_rng(1)
+    for b, atom, k in [(0, 0, 0), (0, 4, 2), (1, 8, 1), (1, 2, 0), (0, 6, 1)]:
+        Rp, Rm = R.clone(), R.clone()
+        Rp[b, atom, k] += h
+        Rm[b, atom, k] -= h
+        fd = -(model.energy(Rp)[b] - model.energy(Rm)[b]).item() / (2 * h)
+        assert F[b, atom, k].item() == pytest.approx(fd, rel=1e-6, abs=1e-7)
+    # A random direction checks the whole gradient at once.
+    d = torch.tensor(rng.standard_normal(R.shape))
+    fd = -(model.energy(R + h * d) - model.energy(R - h * d)) / (2 * h)
+    np.testing.assert_allclose((F * d).sum((1, 2)).numpy(), fd.detach().numpy(), rtol=1e-6)
+    # The model is not trivially flat: forces are of sensible size.
+    assert F.abs().max() > 1e-3
+
+
+def test_energy_is_rotation_and_translation_invariant_and_forces_rotate():
+    model, fr = tiny("aspirin", "float64")
+    rng = np.random.default_rng(3)
+    Q = random_rotation(rng)
+    R = fr.R[:3]
+    moved = R @ Q.T + rng.standard_normal(3) * 5.0
+    E0, F0 = model.energy_and_forces(torch.tensor(R))
+    E1, F1 = model.energy_and_forces(torch.tensor(moved))
+    np.testing.assert_allclose(E1.numpy(), E0.numpy(), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(F1.numpy(), F0.numpy() @ Q.T, atol=1e-9)
+    # Permutation of frames in a batch permutes the energies (graph copies are independent).
+    E2 = model.energy(torch.tensor(R[::-1].copy()))
+    np.testing.assert_allclose(E2.detach().numpy(), E0.numpy()[::-1], atol=1e-9)
+
+
+def test_batched_energies_equal_single_frame_energies_and_graph_is_cached():
+    model, fr = tiny("aspirin", "float64")  # aspirin has pairs beyond the 5 Å cutoff
+    R = torch.tensor(fr.R[:5])
+    E_batch, F_batch = model.energy_and_forces(R)
+    for b in range(5):
+        E1, F1 = model.energy_and_forces(R[b : b + 1])
+        assert E1.item() == pytest.approx(E_batch[b].item(), abs=1e-9)
+        torch.testing.assert_close(F1[0], F_batch[b], rtol=0, atol=1e-10)
+    g5 = model._graph(5)
+    assert model._graph(5) is g5  # built once per batch size
+    n = model.n_atoms
+    assert g5[props.idx_i].numel() == 5 * n * (n - 1)
+    i, j = pair_index(n)
+    assert (i != j).all() and len(set(zip(i.tolist(), j.tolist(), strict=True))) == n * (n - 1)
+
+
+def test_absolute_energy_keeps_sub_0p01_resolution_in_float32():
+    model32, fr = tiny("ethanol", "float32")
+    model64 = build_model(fr.z, {**TINY, "dtype": "float64"}, fr)
+    model64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model32.state_dict().items()})
+    R = fr.R[:4]
+    E32 = model32.energy(torch.tensor(R, dtype=torch.float32))
+    E64 = model64.energy(torch.tensor(R))
+    assert E32.dtype == torch.float64 and abs(E32.mean().item()) > 9e4  # absolute kcal/mol
+    # float32 itself resolves only ~0.008 kcal/mol at 97,000; the float64 shift keeps ~1e-5.
+    assert (E32 - E64).abs().max().item() < 1e-3
+
+
+def test_scaling_is_fitted_on_training_energies():
+    fr = frames("ethanol", 40)
+    mean, std = energy_scaling(fr.z, fr.E)
+    assert mean == pytest.approx(fr.E.mean() / 9)
+    assert std == pytest.approx((fr.E / 9).std())
+    model = build_model(fr.z, {**TINY, "dtype": "float64"}, fr)
+    assert (model.mean, model.std) == (mean, std)
+    # Untrained network: energies sit near the training mean, not near zero.
+    E = model.energy(torch.tensor(fr.R)).detach().numpy()
+    assert abs(E.mean() - fr.E.mean()) < 50
+
+
+def test_save_load_gives_identical_outputs_and_needs_no_training_code(tmp_path):
+    model, fr = tiny("ethanol", "float32")
+    with torch.no_grad():  # make weights differ from a fresh initialisation
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "m.pt"
+    save_checkpoint(model, path, {"epochs": 3, "note": "x"})
+    loaded, meta = load_checkpoint(path)
+    assert meta == {"epochs": 3, "note": "x"}
+    assert not loaded.training and loaded.config == model.config
+    R = torch.tensor(fr.R[:4], dtype=torch.float32)
+    E0, F0 = model.energy_and_forces(R)
+    E1, F1 = loaded.energy_and_forces(R)
+    assert torch.equal(E0, E1) and torch.equal(F0, F1)
+    code = (
+        "import sys, torch; from crmse.model import load_checkpoint; "
+        f"m, meta = load_checkpoint({str(path)!r}); "
+        f"R = torch.tensor({fr.R[:1].tolist()}, dtype=torch.float32); "
+        "print(repr(m.energy(R).item())); assert 'crmse.train' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Same batch shape as in the subprocess: float32 kernels may round differently per batch size.
+    assert float(out.stdout) == loaded.energy(R[:1]).item()
+
+
+def test_checkpoint_refuses_nan_weights_and_rejects_foreign_files(tmp_path):
+    model, _ = tiny()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(model, tmp_path / "nan.pt")
+    assert not (tmp_path / "nan.pt").exists()
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a crmse potential checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bad_inputs_give_clear_errors():
+    model, fr = tiny("ethanol", "float32")
+    with pytest.raises(ValueError, match=r"shape \(B, 9, 3\)"):
+        model.energy(torch.zeros(2, 8, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        model.energy(torch.zeros(2, 9, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lacks"):
+        Potential(fr.z, {"n_atom_basis": 8})
+    with pytest.raises(ValueError, match="different molecule"):
+        build_model(np.array(reference_frame("aspirin")[0]), {**TINY, "dtype": "float32"}, fr)
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_energy_and_forces_modes():
+    model, fr = tiny("ethanol", "float64")
+    R = torch.tensor(fr.R[:2])
+    with torch.no_grad():  # MD engines may call it without a grad context
+        E, F = model.energy_and_forces(R)
+    assert not E.requires_grad and not F.requires_grad
+    E, F = model.energy_and_forces(R, create_graph=True)
+    (F**2).sum().backward()  # force matching needs d|F|²/dθ
+    # (The output bias cannot affect forces; every weight feeding them gets a gradient.)
+    assert model.head.outnet[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.representation.interactions.parameters())
+    # A caller's R that requires grad stays connected (Laplacian / Hessian users).
+    Rg = R.clone().requires_grad_(True)
+    _, F = model.energy_and_forces(Rg, create_graph=True)
+    (g,) = torch.autograd.grad(F.sum(), Rg)
+    assert g.shape == R.shape and torch.isfinite(g).all()
+
+
+def test_crmse_and_schnetpack_calculators_match_the_potential(tmp_path):
+    z, R0, _ = reference_frame("aspirin")
+    model, fr = tiny("aspirin", "float32")
+    ckpt, spk_file = tmp_path / "m.pt", tmp_path / "m_spk.pt"
+    save_checkpoint(model, ckpt, {})
+    export_schnetpack(model, spk_file)
+    E, F = model.energy_and_forces(torch.tensor(R0[None], dtype=torch.float32))
+    E, F = E.item(), F[0].double().numpy()
+    ev = kcal_per_mol_in_ev()
+    for calc in (CRMSECalculator(model), CRMSECalculator(ckpt), spk_calculator(spk_file, cutoff=5.0)):
+        atoms = Atoms(numbers=z, positions=R0)
+        atoms.calc = calc
+        assert atoms.get_potential_energy() / ev == pytest.approx(E, abs=2e-4)
+        np.testing.assert_allclose(atoms.get_forces() / ev, F, atol=2e-4, rtol=1e-4)
+    atoms = Atoms(numbers=z[::-1], positions=R0)
+    atoms.calc = CRMSECalculator(model)
+    with pytest.raises(ValueError, match="differ from the model"):
+        atoms.get_potential_energy()
