@@ -35,13 +35,13 @@ class ToyDiatomic(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.k.dtype
 
-    def energy(self, R: torch.Tensor) -> torch.Tensor:
+    def energy(self, R: torch.Tensor, prune: bool = False) -> torch.Tensor:
         r = (R[:, 1] - R[:, 0]).norm(dim=-1)
         u = (r - R_WELL) / W_WELL
         bump = torch.where(u.abs() < 1, (1 - u * u) ** 2, torch.zeros_like(u))
         return 0.5 * self.k * (r - self.r0) ** 2 - self.A * bump + self.c
 
-    def energy_and_forces(self, R: torch.Tensor, create_graph: bool = False):
+    def energy_and_forces(self, R: torch.Tensor, create_graph: bool = False, prune: bool = False):
         with torch.enable_grad():
             x = R if R.requires_grad else R.detach().requires_grad_(True)
             E = self.energy(x)

@@ -16,7 +16,7 @@ from synthetic import synthetic_arrays
 
 from crmse.data import Frames
 from crmse.evaluate import EvaluateError, evaluate_run, load_samples
-from crmse.io import read_json, run_dir, write_npz
+from crmse.io import read_json, run_dir, write_json, write_npz
 from crmse.model import build_model, save_checkpoint
 from crmse.params import load_params
 from crmse.temperature import frames_temperature
@@ -54,7 +54,6 @@ def _make_inputs(root: Path) -> dict:
     split = run_dir(root / "data/splits", MOL, SIZE, SEED)
     train, test = frames.subset(np.arange(20)), frames.subset(np.arange(20, 40))
     pool = frames.subset(np.arange(20, 140))  # test ⊂ reference, as in the real split
-    train.save(split / "train.npz")
     test.save(split / "test.npz")
     pool.save(split / "reference.npz")
     for k, name in enumerate(("mse", "crmse")):
@@ -88,6 +87,9 @@ def _make_inputs(root: Path) -> dict:
             z=frames.z.astype(np.int64),
             temperature=np.array(500.0),
         )
+    # the sample stage's summary: its T_conf of the samples is used as is (crmse only here)
+    summary = {"T_conf_samples_K": 612.5, "T_conf_frames": 512}
+    write_json(run_dir(root / "results", MOL, SIZE, SEED) / "crmse" / "sample.json", summary)
     return {"pool": pool, "test": test, "samples": samples}
 
 
@@ -145,7 +147,7 @@ def test_metrics_json_is_flat_numeric_and_complete(evaluated):
             "dihedral_methyl_unvisited",
         ):
             assert key in on_disk[m], (m, key)
-    for key in ("energy_min", "energy_mean", "energy_std", "T_conf_mse_laplacian", "T_conf_train_crmse_laplacian"):
+    for key in ("energy_min", "energy_mean", "energy_std", "T_conf_mse_laplacian", "T_conf_crmse_laplacian"):
         assert key in on_disk["reference"]
     for key in ("energy_w1", "hr_mae", "dihedral_methyl_rmse", "dihedral_hydroxyl_unvisited"):
         assert on_disk["noise_floor"][key] is not None
@@ -182,6 +184,18 @@ def test_metrics_values_follow_the_inputs(evaluated):
     E, F = model.energy_and_forces(torch.as_tensor(test.R, dtype=torch.float32))
     assert mse["test_energy_mae"] == pytest.approx(np.abs(E.numpy() - test.E).mean(), rel=1e-6)
     assert mse["test_forces_mae"] == pytest.approx(np.abs(F.numpy() - test.F).mean(), rel=1e-5)
+    # samples' T_conf: from sample.json when the sample stage recorded it, else computed on valid frames
+    assert crmse["T_conf"] == 612.5 and crmse["T_conf_frames"] == 512
+    s = inputs["samples"]["mse"]
+    valid = np.ones((T_FRAMES, M), bool)
+    valid[7:, 3] = False
+    R_valid = s["R"].astype(np.float32).astype(np.float64)[valid]
+    pick = np.unique(np.linspace(0, len(R_valid) - 1, 6).round().astype(int))
+    try:
+        expect = frames_temperature(model.energy, R_valid[pick], None, 16, "cpu", torch.float32)
+    except ValueError:
+        expect = None
+    assert mse["T_conf"] == pytest.approx(expect) and mse["T_conf_frames"] == 6
     # reference T_conf uses crmse.temperature with DFT forces on evenly spaced pool frames
     sel = np.unique(np.linspace(0, len(pool) - 1, 6).round().astype(int))
     try:
@@ -265,6 +279,7 @@ def test_dvc_stage_declares_inputs_outputs_and_plots():
         f"models/{run}/crmse.pt",
         f"results/{run}/mse/samples.npz",
         f"results/{run}/crmse/samples.npz",
+        f"results/{run}/crmse/sample.json",
     ):
         assert dep in deps, dep
     assert "evaluate" in stage["params"]
@@ -304,3 +319,21 @@ def test_stage_script_runs_from_a_project_root(tmp_path):
         text=True,
     )
     assert out.returncode != 0 and "crmse.pt" in out.stderr
+
+
+def test_a_model_without_valid_frames_gets_null_distribution_metrics(tmp_path):
+    _make_inputs(tmp_path)
+    path = run_dir(tmp_path / "results", MOL, SIZE, SEED) / "crmse" / "samples.npz"
+    with np.load(path) as d:
+        arrays = dict(d)
+    arrays["unstable_frame"] = np.zeros(M, dtype=np.int64)  # every replica failed before its first frame
+    arrays["R"][:] = np.nan
+    arrays["E"][:] = np.nan
+    write_npz(path, **arrays)
+    metrics = evaluate_run(MOL, SIZE, SEED, _params(), root=tmp_path, progress=False)
+    crmse = metrics["crmse"]
+    assert crmse["stable_fraction"] == 0.0 and crmse["n_valid_frames"] == 0
+    assert crmse["hr_mae"] is None and crmse["dihedral_methyl_rmse"] is None and crmse["T_kin"] is None
+    assert set(crmse) == set(metrics["mse"])  # same keys, so dvc metrics show lines up
+    plots = run_dir(tmp_path / "metrics", MOL, SIZE, SEED) / "plots"
+    assert not (plots / "hr/crmse.csv").exists() and (plots / "stability/crmse.csv").exists()

@@ -103,6 +103,22 @@ def test_batched_energies_equal_single_frame_energies_and_graph_is_cached():
     assert (i != j).all() and len(set(zip(i.tolist(), j.tolist(), strict=True))) == n * (n - 1)
 
 
+def test_pruned_pair_list_gives_the_all_pairs_energy():
+    model, fr = tiny("aspirin", "float64")
+    R = torch.tensor(fr.R[:3])
+    g = model._graph(3)
+    Rf = R.reshape(-1, 3)
+    Rij = Rf[g[props.idx_j]] - Rf[g[props.idx_i]]
+    near = Rij.norm(dim=-1) < model.config["cutoff"]
+    assert 0 < int((~near).sum())  # aspirin has pairs beyond the cutoff, so this prunes something
+    E_pruned = model.energy_with_pairs(R, g[props.idx_i][near], g[props.idx_j][near], Rij[near])
+    torch.testing.assert_close(E_pruned, model.energy(R), rtol=0, atol=1e-9)
+    E1, F1 = model.energy_and_forces(R, prune=True)
+    E0, F0 = model.energy_and_forces(R)
+    torch.testing.assert_close(E1, E0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(F1, F0, rtol=0, atol=1e-9)
+
+
 def test_absolute_energy_keeps_sub_0p01_resolution_in_float32():
     model32, fr = tiny("ethanol", "float32")
     model64 = build_model(fr.z, {**TINY, "dtype": "float64"}, fr)

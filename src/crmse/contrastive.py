@@ -68,13 +68,15 @@ class CRMSEConfig:
         return cls(**fields, temperature=float(temperature), seed=int(seed))
 
 
-def contrastive_loss(E_data: Tensor, model: Any, R_chains: Tensor, beta: float, alive: Tensor | None = None) -> tuple:
+def contrastive_loss(
+    E_data: Tensor, model: Any, R_chains: Tensor, beta: float, alive: Tensor | None = None, prune: bool = False
+) -> tuple[Tensor, Tensor]:
     """L_C = β(mean E_data − mean E_θ(stopgrad R_chains)); also returns the chains' energies (B,).
 
     ``E_data`` (B_data,) must carry the θ-graph; chain positions are detached so no
     gradient ever flows into them. Chains with ``alive`` False are left out of the mean.
     """
-    E_chains = model.energy(R_chains.detach())
+    E_chains = model.energy(R_chains.detach(), prune=prune)
     if alive is not None:
         weights = alive.to(E_chains.dtype)
         chain_mean = (E_chains * weights).sum() / weights.sum().clamp_min(1.0)
@@ -102,6 +104,8 @@ class PersistentChains:
     ) -> None:
         self.model = model
         self.train_R = train_R
+        # Dropping pairs beyond the cutoff costs a host sync per step: worth it on a CPU only.
+        self.prune = train_R.device.type == "cpu"
         self.p_reset = cfg.p_reset
         self.generator = generator
         self.engine = Langevin(
@@ -118,7 +122,7 @@ class PersistentChains:
         self.age = torch.zeros(cfg.n_chains, dtype=torch.long, device=train_R.device)
 
     def _energy_forces(self, R: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.energy_and_forces(R, create_graph=False)
+        return self.model.energy_and_forces(R, create_graph=False, prune=self.prune)
 
     def _random_frames(self, n: int) -> Tensor:
         idx = torch.randint(len(self.train_R), (n,), generator=self.generator, device=self.train_R.device)
@@ -214,9 +218,9 @@ def train_crmse(
         stats = chains.advance(cfg.steps_per_iter)
         idx = torch.randint(len(train_R), (min(cfg.batch_size, len(train_R)),), generator=gen, device=device)
         opt.zero_grad(set_to_none=True)
-        E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True)
+        E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True, prune=chains.prune)
         l_mse, _, _ = mse_loss(E_data, F_data, train_E[idx], train_F[idx], cfg.rho_energy, cfg.rho_forces)
-        l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, chains.state.alive)
+        l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, chains.state.alive, chains.prune)
         loss = l_mse + cfg.lam * l_c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

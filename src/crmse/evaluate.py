@@ -2,9 +2,12 @@
 
 Inputs (below the repository root):
 
-* ``data/splits/<mol>/n<size>/s<seed>/{train,test,reference}.npz`` — splits and the DFT reference pool;
+* ``data/splits/<mol>/n<size>/s<seed>/{test,reference}.npz`` — test split and DFT reference pool;
 * ``models/<mol>/n<size>/s<seed>/{mse,crmse}.pt`` — checkpoints (``crmse.model.load_checkpoint``);
-* ``results/<mol>/n<size>/s<seed>/{mse,crmse}/samples.npz`` — the sample stage's trajectories.
+* ``results/<mol>/n<size>/s<seed>/{mse,crmse}/samples.npz`` — the sample stage's trajectories, and
+  its ``sample.json`` beside it for the samples' configurational temperature (computed there with
+  ``crmse.temperature``; the Laplacian costs 3n backward passes per frame, so it is not redone here
+  unless sample.json lacks it).
 
 Outputs (``metrics/<mol>/n<size>/s<seed>/``):
 
@@ -33,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from crmse.data import Frames
-from crmse.io import atomic_path, run_dir, write_json
+from crmse.io import atomic_path, read_json, run_dir, write_json
 from crmse.molecules import TORSIONS, check_molecule
 from crmse.observables import (
     HR_EDGES,
@@ -157,6 +160,18 @@ def conf_temperature(
         return None
 
 
+def samples_conf_temperature(
+    sample_json: Path, model: Any, R_valid: np.ndarray, ev: dict[str, Any], progress: bool = False
+) -> tuple[float | None, int]:
+    """(T_conf K, frames used) of a model's samples: from the sample stage's sample.json, else computed."""
+    if sample_json.exists():
+        info = read_json(sample_json)
+        if info.get("T_conf_samples_K") is not None:
+            return float(info["T_conf_samples_K"]), int(info.get("T_conf_frames", 0))
+    n = min(len(R_valid), ev["conf_temperature_frames"])
+    return conf_temperature(model, R_valid, None, n, ev["batch_size"], progress), n
+
+
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
@@ -206,14 +221,13 @@ def evaluate_run(
     out = run_dir(root / "metrics", molecule, size, seed)
 
     # Fail early, naming every missing input at once.
-    needed = [split / f"{k}.npz" for k in ("train", "test", "reference")] + [*ckpts.values(), *sample_files.values()]
+    needed = [split / "test.npz", split / "reference.npz", *ckpts.values(), *sample_files.values()]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise EvaluateError("evaluate: missing inputs (both models are required): " + ", ".join(missing))
 
     pool = load_split_frames(split / "reference.npz")
     test = load_split_frames(split / "test.npz")
-    train = load_split_frames(split / "train.npz")
     samples = {m: load_samples(p) for m, p in sample_files.items()}
     for m, s in samples.items():
         if not np.array_equal(s.z, pool.z):
@@ -264,21 +278,19 @@ def evaluate_run(
         row.update(detector.summary(s.R, s.E, valid, s.time_ps))
         row["T_set"] = s.temperature
         row["T_kin"] = kinetic_temperature(s.T_kin, valid)
-        row["T_conf"] = conf_temperature(
-            model, s.R[valid], None, ev["conf_temperature_frames"], ev["batch_size"], progress
+        row["T_conf"], row["T_conf_frames"] = samples_conf_temperature(
+            sample_files[m].parent / "sample.json", model, s.R[valid], ev, progress
         )
-        # DFT forces in the numerator, this model's Laplacian (DESIGN.md §3): pool and training split
+        # DFT forces in the numerator, this model's Laplacian (DESIGN.md §3)
         reference[f"T_conf_{m}_laplacian"] = conf_temperature(
             model, pool.R, pool.F, ev["conf_temperature_frames"], ev["batch_size"], progress
-        )
-        reference[f"T_conf_train_{m}_laplacian"] = conf_temperature(
-            model, train.R, train.F, ev["conf_temperature_frames"], ev["batch_size"], progress
         )
         if valid.any():
             sim = distributions(s.R[valid], s.E[valid], torsions, bins, T_phi)
             row.update(compare(sim, ref))
-        else:  # every replica failed before its first saved frame: nothing to compare
+        else:  # every replica failed before its first saved frame: nothing to compare (same keys, null)
             sim = None
+            row.update(dict.fromkeys(compare(ref, ref)))
             print(f"warning: [{m}] no valid frames; distribution metrics are undefined")
         results[m] = row
         curves[m] = {"dist": sim, "E_pred": E_pred, "F_pred": F_pred, "uf": uf, "time_ps": s.time_ps}

@@ -56,7 +56,7 @@ class SampleSettings:
     seed: int = 0
     bond_tolerance: float = 0.5
     bond_factor: float = 1.3
-    conf_temperature_frames: int = 512
+    conf_temperature_frames: int = 2048
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

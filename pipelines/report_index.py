@@ -1,0 +1,23 @@
+"""DVC stage `report_index`: reports/index.ipynb + reports/index.html, every run and the size sweep.
+
+Reads every metrics/<mol>/n<size>/s<seed>/metrics.json of the molecules, train_sizes and seeds in
+params.yaml (outputs of sizes removed from params.yaml stay on disk but leave the index).
+"""
+
+import argparse
+from pathlib import Path
+
+from crmse.report import execute_report
+
+TEMPLATE = Path(__file__).with_name("index.ipynb")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="reports", help="output folder (default: reports)")
+    parser.add_argument("--all-runs", action="store_true", help="index every run on disk, not only declared ones")
+    parser.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
+    args = parser.parse_args()
+    params = {"root": ".", "declared_only": not args.all_runs}
+    nb, page = execute_report(TEMPLATE, Path(args.out) / "index.ipynb", params, "crmse: all runs", cwd=".",
+                              progress=not args.no_progress)
+    print(f"report_index: wrote {nb} and {page}")
