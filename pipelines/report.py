@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from papermill.exceptions import PapermillExecutionError
+
 from crmse.io import run_dir
 from crmse.report import ReportError, execute_report, load_run
 
@@ -28,5 +30,8 @@ if __name__ == "__main__":
     out = run_dir(args.out, args.molecule, args.size, args.seed).with_suffix(".ipynb")
     params = {"molecule": args.molecule, "size": args.size, "seed": args.seed, "root": "."}
     title = f"crmse report: {args.molecule} n{args.size} s{args.seed}"
-    nb, page = execute_report(TEMPLATE, out, params, title, cwd=".", progress=not args.no_progress)
+    try:
+        nb, page = execute_report(TEMPLATE, out, params, title, cwd=".", progress=not args.no_progress)
+    except PapermillExecutionError as exc:  # the failing cell and its traceback; nothing was written
+        sys.exit(f"error: the report notebook failed, no report written:\n{exc}")
     print(f"report: wrote {nb} and {page}")

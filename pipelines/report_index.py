@@ -5,7 +5,10 @@ params.yaml (outputs of sizes removed from params.yaml stay on disk but leave th
 """
 
 import argparse
+import sys
 from pathlib import Path
+
+from papermill.exceptions import PapermillExecutionError
 
 from crmse.report import execute_report
 
@@ -18,6 +21,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     args = parser.parse_args()
     params = {"root": ".", "declared_only": not args.all_runs}
-    nb, page = execute_report(TEMPLATE, Path(args.out) / "index.ipynb", params, "crmse: all runs", cwd=".",
-                              progress=not args.no_progress)
+    try:
+        nb, page = execute_report(TEMPLATE, Path(args.out) / "index.ipynb", params, "crmse: all runs", cwd=".",
+                                  progress=not args.no_progress)
+    except PapermillExecutionError as exc:  # the failing cell and its traceback; nothing was written
+        sys.exit(f"error: the report notebook failed, no report written:\n{exc}")
     print(f"report_index: wrote {nb} and {page}")

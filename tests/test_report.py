@@ -94,7 +94,7 @@ def make_run(root: Path, crmse_dead: bool = False) -> dict:
         save_checkpoint(build_model(frames.z, TINY, train), models / f"{name}.pt", {"stand_in": True})
 
     rng = np.random.default_rng(5)
-    R = pool.R[:M][None] + 0.02 * rng.standard_normal((T_FRAMES, M, 9, 3))
+    R = pool.R[:M][None] + 0.02 * rng.standard_normal((T_FRAMES, M, *pool.R.shape[1:]))
     E = np.repeat(pool.E[:M][None], T_FRAMES, 0) + rng.normal(0, 1.0, (T_FRAMES, M))
     time_ps = 0.01 * np.arange(1, T_FRAMES + 1)
     R_mse, E_mse = R.copy(), E.copy()
@@ -325,6 +325,19 @@ def test_report_stage_renders_every_figure_and_the_table(project):
     nb = read_json(stem.with_suffix(".ipynb"))
     assert nb["metadata"]["papermill"]["parameters"] == {"molecule": MOL, "size": SIZE, "seed": SEED, "root": "."}
     assert not list(stem.parent.glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+def test_a_failing_cell_fails_the_stage_and_writes_nothing(project, tmp_path):
+    src, _ = project
+    root = tmp_path / "proj"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("reports"))
+    val = run_dir(root / "models", MOL, SIZE, SEED) / "crmse_val.csv"
+    val.write_text("iteration,something_else\n10,1.0\n")  # readable, but not the crmse stage's columns
+    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED),
+                          "--no-progress"], cwd=root, env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "the report notebook failed" in out.stderr and "val_energy_mae" in out.stderr
+    assert not (root / "reports").exists() or not list((root / "reports").rglob("*.*"))
 
 
 def test_index_stage_links_runs_and_draws_the_sweep(project, tmp_path):

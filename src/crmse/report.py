@@ -672,7 +672,7 @@ def fig_spurious(run: RunData) -> Figure:
     ax.set_ylabel("fraction of replicas that entered")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Entry into spurious states")
-    _legend(ax, loc="upper left")
+    _legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1)
 
     rows = []
     for m in MODELS:
@@ -710,28 +710,43 @@ def draw_molecule(ax: Any, z: np.ndarray, R: np.ndarray, bonds: np.ndarray, pair
                   pair_flag: bool = False) -> None:
     """Ball-and-stick projection of one frame; the pair ``pair`` is drawn as a dashed line with its distance.
 
-    The view keeps the highlighted pair in the image plane (so a collapsed pair is visible, not hidden in depth).
+    The view direction is the one (of ~300 spread over a sphere) where the drawn atoms overlap least, among
+    those that keep the highlighted pair at least 70 % of its length in the image plane (so a collapsed pair is
+    visible, not hidden in depth).
     """
     from ase.data import covalent_radii
     from ase.data.colors import jmol_colors
     from matplotlib.patches import Circle
 
     X = np.asarray(R, dtype=float) - np.asarray(R, dtype=float).mean(0)
+    radii = 0.4 * covalent_radii[np.asarray(z)] + 0.1
     _, _, Vt = np.linalg.svd(X, full_matrices=False)
-    e1, view = Vt[0], Vt[2]
+    e1, view = Vt[0], Vt[2]  # default: look along the molecule's thinnest direction
+    p = None
     if pair is not None:
-        # Look straight at the triangle (pair + the atom nearest to its midpoint, e.g. their shared carbon),
-        # so that none of the three hides another.
         p = X[pair[1]] - X[pair[0]]
         p /= np.linalg.norm(p) + 1e-12
-        mid = 0.5 * (X[pair[0]] + X[pair[1]])
-        others = [k for k in range(len(X)) if k not in pair]
-        near = min(others, key=lambda k: np.linalg.norm(X[k] - mid)) if others else None
-        view = np.cross(p, X[near] - mid) if near is not None else np.zeros(3)
-        if np.linalg.norm(view) < 1e-6:
-            view = Vt[2] - (Vt[2] @ p) * p
-        view /= np.linalg.norm(view)
         e1 = p
+    k = np.arange(600) + 0.5  # Fibonacci sphere; v and −v give mirror images, keep one hemisphere
+    polar, azim = np.arccos(1 - 2 * k / 600), np.pi * (1 + 5**0.5) * k
+    dirs = np.stack([np.cos(azim) * np.sin(polar), np.sin(azim) * np.sin(polar), np.cos(polar)], 1)
+    dirs = dirs[dirs[:, 2] >= 0]
+    if p is not None:
+        dirs = dirs[np.abs(dirs @ p) <= 0.7]
+    iu = np.triu_indices(len(X), 1)
+    best = None
+    for v in (view, *dirs):  # the default first: it wins ties
+        a = e1 - (e1 @ v) * v
+        if np.linalg.norm(a) < 1e-6:
+            continue
+        a /= np.linalg.norm(a)
+        Q = np.stack([X @ a, X @ np.cross(v, a)], 1)
+        d = np.linalg.norm(Q[iu[0]] - Q[iu[1]], axis=-1)
+        score = float((np.clip(radii[iu[0]] + radii[iu[1]] - d, 0, None) ** 2).sum())
+        if best is None or score < best[0] - 1e-9:
+            best = (score, v)
+    if best is not None:
+        view = best[1]
     e1 = e1 - (e1 @ view) * view
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(view, e1)
@@ -742,8 +757,7 @@ def draw_molecule(ax: Any, z: np.ndarray, R: np.ndarray, bonds: np.ndarray, pair
     for i, j in np.asarray(bonds):
         ax.plot(P[[i, j], 0], P[[i, j], 1], color="#555555", lw=3, zorder=1, solid_capstyle="round")
     for rank, i in enumerate(order):
-        r = 0.4 * covalent_radii[z[i]] + 0.1
-        ax.add_patch(Circle((P[i, 0], P[i, 1]), r, facecolor=jmol_colors[z[i]], edgecolor="black", lw=1,
+        ax.add_patch(Circle((P[i, 0], P[i, 1]), radii[i], facecolor=jmol_colors[z[i]], edgecolor="black", lw=1,
                             zorder=2 + rank))
     if pair is not None:
         i, j = pair
@@ -756,7 +770,7 @@ def draw_molecule(ax: Any, z: np.ndarray, R: np.ndarray, bonds: np.ndarray, pair
                     bbox={"boxstyle": "round", "fc": "white", "ec": col, "alpha": 0.9})
     pad = 1.0
     ax.set_xlim(P[:, 0].min() - pad, P[:, 0].max() + pad)
-    ax.set_ylim(P[:, 1].min() - pad, P[:, 1].max() + pad)
+    ax.set_ylim(P[:, 1].min() - pad, P[:, 1].max() + pad + 0.5)  # room for the distance label
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -801,7 +815,7 @@ def _symbols(z: np.ndarray) -> list[str]:
 
 
 def fig_stability(run: RunData) -> Figure:
-    fig, axes = new_figure(1, 1, 8, 3.8)
+    fig, axes = new_figure(1, 1, 10.5, 3.8)
     ax = axes[0, 0]
     for m in MODELS:
         df = run.table("stability", m)
@@ -815,7 +829,7 @@ def fig_stability(run: RunData) -> Figure:
     ax.set_ylabel("fraction of replicas stable")
     tol = run.params["evaluate"]["bond_tolerance"]
     ax.set_title(f"Stability (a bond deviating > {tol:g} Å from its DFT mean ends a replica)")
-    _legend(ax, loc="lower left")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -975,7 +989,8 @@ def fig_training(run: RunData) -> Figure:
     best = run.mse_metrics.get("best_epoch")
     for ax, col, unit, what in ((axes[0, 1], "val_energy_mae", "kcal/mol", "energy"),
                                 (axes[0, 2], "val_force_mae", "kcal/mol/Å", "force")):
-        ax.plot(L["epoch"], L[col], color=COLORS["mse"], lw=1.6)
+        ax.plot(L["epoch"], L[col], color="#bbbbbb", lw=0.6, label="per epoch")
+        ax.plot(L["epoch"], _rolling(L[col], len(L)), color=COLORS["mse"], lw=1.8, label="running mean")
         if best is not None:
             ax.axvline(best, color=FLOOR_COLOR, ls=":", label=f"best epoch {best}")
         _log_y(ax)
@@ -1300,7 +1315,7 @@ def fig_sweep(df: pd.DataFrame, molecule: str) -> Figure | None:
                 Tset = [(s, _agg(ds.loc[ds["size"] == s, "T_set"])[0]) for s in sizes if (ds["size"] == s).any()]
                 if Tset and "T_set" in ds:
                     x, mu = zip(*Tset, strict=True)
-                    ax.plot(x, mu, color="#2ca02c", ls=ls, lw=1.2, label=f"T_set{gl}")
+                    ax.plot(x, mu, color="#2ca02c", ls=ls, lw=1.2, marker="|", ms=10, label=f"T_set{gl}")
         if floor_kind == "chemical":
             ax.axhline(CHEMICAL_ACCURACY, color=FLOOR_COLOR, ls="--", lw=1.2, label="chemical accuracy")
         elif floor_kind == "one":
@@ -1343,7 +1358,7 @@ def index_paragraph(df: pd.DataFrame) -> str:
                 a = _agg(ds.loc[ds["source"] == "mse", "spurious_replica_fraction"])[0]
                 b = _agg(ds.loc[ds["source"] == "crmse", "spurious_replica_fraction"])[0]
                 bits.append(f"n_train = {size}: {fmt(a, 2)} → {fmt(b, 2)}")
-            parts.append(f"{mol} ({g}), fraction of replicas entering a spurious state, MSE → CRMSE (mean over "
+            parts.append(f"{mol} [{g}]: fraction of replicas entering a spurious state, MSE → CRMSE (mean over "
                          f"seeds): " + "; ".join(bits) + ".")
     return " ".join(parts)
 
@@ -1364,7 +1379,10 @@ def kernel_environment() -> Iterator[str]:
         spec = Path(tmp) / "kernels" / name
         spec.mkdir(parents=True)
         (spec / "kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            # The kernel's own log (a warning about unencrypted local TCP, and an "error" when it is shut down
+            # with SIGINT at the end) is noise in a stage's output; cell errors still fail the stage.
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=CRITICAL"],
             "display_name": "crmse (project venv)",
             "language": "python",
         }))
@@ -1387,6 +1405,13 @@ def render_html(nb: Any, title: str) -> str:
                             exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     return body
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+    except ValueError:  # another drive (Windows)
+        return str(path)
 
 
 def execute_report(
@@ -1414,6 +1439,11 @@ def execute_report(
             progress_bar=progress, report_mode=True,
         )
         nb = nbformat.read(executed, as_version=4)
+    # Open in Jupyter with the ordinary kernel name, and record paths relative to the project, not temp paths.
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    pm_meta = nb.metadata.get("papermill", {})
+    pm_meta["input_path"] = _relative(Path(template), Path(cwd))
+    pm_meta["output_path"] = _relative(out_ipynb, Path(cwd))
     page = render_html(nb, title)
     with atomic_path(out_ipynb) as tmp_nb:
         nbformat.write(nb, tmp_nb)
