@@ -23,11 +23,15 @@ if __name__ == "__main__":
     except EvaluateError as exc:
         sys.exit(f"error: {exc}")
     nf = m["noise_floor"]
+
+    def f(value: float | None, digits: int = 3) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
     for name in ("mse", "crmse"):
         r = m[name]
         print(
-            f"{name}: test E/F MAE {r['test_energy_mae']:.3f}/{r['test_forces_mae']:.3f}, "
-            f"stable {r['stable_fraction']:.2f}, spurious replicas {r['spurious_replica_fraction']:.2f}, "
-            f"h(r) MAE {r.get('hr_mae', float('nan')):.3f} (floor {nf['hr_mae']:.3f}), "
-            f"E W1 {r.get('energy_w1', float('nan')):.2f} (floor {nf['energy_w1']:.2f})"
+            f"{name}: test E/F MAE {f(r['test_energy_mae'])}/{f(r['test_forces_mae'])}, "
+            f"stable {f(r['stable_fraction'], 2)}, spurious replicas {f(r['spurious_replica_fraction'], 2)}, "
+            f"h(r) MAE {f(r.get('hr_mae'))} (floor {f(nf['hr_mae'])}), "
+            f"E W1 {f(r.get('energy_w1'), 2)} (floor {f(nf['energy_w1'], 2)})"
         )
