@@ -8,30 +8,18 @@ frames) and the split; writes crmse.pt (same checkpoint format as mse.pt), crmse
 """
 
 import argparse
-import csv
-import io
 import sys
 
 import torch
 
 from crmse.contrastive import CRMSEConfig, train_crmse
 from crmse.data import load_frames
-from crmse.io import atomic_path, read_json, run_dir, write_json
+from crmse.io import read_json, run_dir, write_json
 from crmse.langevin import StabilityCheck
 from crmse.model import load_checkpoint, resolve_device, save_checkpoint
 from crmse.observables import SpuriousDetector
 from crmse.params import load_params
-from crmse.train import evaluate_errors
-
-
-def write_csv(path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-
+from crmse.train import evaluate_errors, write_log_csv
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -84,8 +72,8 @@ if __name__ == "__main__":
         "selection": result.selection_note,
     }
     save_checkpoint(model, run / "crmse.pt", meta)
-    write_csv(run / "crmse_log.csv", result.log)
-    write_csv(run / "crmse_val.csv", result.val_log)
+    write_log_csv(run / "crmse_log.csv", result.log, list(result.log[0]))
+    write_log_csv(run / "crmse_val.csv", result.val_log, list(result.val_log[0]))
     last = result.val_log[-1]
     write_json(
         run / "crmse_metrics.json",

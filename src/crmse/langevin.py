@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crmse.geometry import bond_graph, bond_lengths
+from crmse.observables import BondReference
 from crmse.units import ACCEL, KB, KINETIC
 
 EnergyForces = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -69,10 +69,8 @@ class StabilityCheck:
     @classmethod
     def from_reference(cls, z: Any, R: Any, tolerance: float = 0.5, factor: float = 1.3) -> StabilityCheck:
         """Bond graph (covalent radii × ``factor``) and mean bond lengths of reference frames R (N, n, 3) Å."""
-        R = np.asarray(R, dtype=float)
-        frames = R[None] if R.ndim == 2 else R
-        bonds = bond_graph(np.asarray(z), frames, factor)
-        return cls(bonds, bond_lengths(frames, bonds).mean(0), tolerance)
+        ref = BondReference.from_frames(np.asarray(z), R, factor)
+        return cls(ref.bonds, ref.mean_lengths, tolerance)
 
     def to(self, device: torch.device | str) -> StabilityCheck:
         return StabilityCheck(self.bonds.to(device), self.mean_lengths.to(device), self.tolerance)

@@ -261,13 +261,14 @@ def train_mse(
     return result
 
 
-def write_log_csv(path: str | Path, rows: list[dict[str, float]]) -> None:
-    """Per-epoch log as CSV (columns :data:`LOG_COLUMNS`), atomically; DVC plots read it."""
+def write_log_csv(path: str | Path, rows: list[dict[str, float]], columns: list[str] | None = None) -> None:
+    """Log rows as CSV (default columns :data:`LOG_COLUMNS`), atomically; DVC plots read it."""
+    columns = LOG_COLUMNS if columns is None else columns
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in LOG_COLUMNS})
+        writer.writerow({k: (f"{row[k]:.8g}" if isinstance(row[k], float) else row[k]) for k in columns})
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
 
