@@ -25,7 +25,7 @@ class ToyDiatomic(torch.nn.Module):
         self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
         self.r0 = torch.nn.Parameter(torch.tensor(r0, dtype=torch.float64))
         self.A = torch.nn.Parameter(torch.tensor(A, dtype=torch.float64))
-        self.register_buffer("c", torch.tensor(0.0, dtype=torch.float64))
+        self.c = 0.0  # a plain float, like Potential.mean: not in the state dict
 
     @property
     def device(self) -> torch.device:
@@ -195,3 +195,14 @@ def test_crmse_raises_a_spurious_well_that_mse_cannot_see():
     assert occupancy["mse"] > 0.3
     assert occupancy["crmse"] < 0.1 * occupancy["mse"]
     assert w1["crmse"] < 0.25 * w1["mse"]
+
+
+def test_selected_weights_come_with_their_own_energy_offset():
+    # Selection restores an earlier state dict; the offset (not a parameter) must be refitted for it.
+    data = _toy_data(64)
+    model = ToyDiatomic(A=0.0)
+    model.c += 5.0
+    cfg = _cfg(lam=1.0, iterations=20, eval_every=5, selection="best_val_forces", select_after=0.0)
+    train_crmse(model, data, data, cfg, progress=False)
+    residual = data.E - model.energy(torch.as_tensor(data.R)).detach().numpy()
+    assert abs(residual.mean()) < 1e-9

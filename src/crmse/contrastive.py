@@ -277,5 +277,7 @@ def train_crmse(
             f"last iteration: no evaluation after {cfg.select_after:.0%} had |gap| <= {cfg.max_gap} kcal/mol"
         )
     model.load_state_dict(state)
+    # The energy shift is not part of the state dict: refit it for the weights just loaded.
+    refit_energy_offset(model, train)
     model.eval()
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
