@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from crmse.contrastive import CRMSEConfig, PersistentChains, contrastive_loss, refit_energy_offset, train_crmse
+from crmse.contrastive import CRMSEConfig, PersistentChains, contrastive_loss, train_crmse
 from crmse.data import Frames
 from crmse.langevin import Langevin
+from crmse.train import refit_energy_offset
 from crmse.units import KB, masses
 
 # A diatomic "molecule" (2 H atoms) whose energy depends on the bond length r (Å):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from crmse.data import Frames
 from crmse.langevin import Langevin, LangevinState, StabilityCheck
-from crmse.train import evaluate_errors, mse_loss
+from crmse.train import evaluate_errors, mse_loss, refit_energy_offset
 from crmse.units import beta as inverse_temperature
 from crmse.units import masses as atomic_masses
 
@@ -153,24 +153,6 @@ class CRMSEResult:
     val_log: list[dict[str, float]] = field(default_factory=list)
     temperature: float = 0.0
     wall_s: float = 0.0
-
-
-def refit_energy_offset(model: Any, frames: Frames, batch_size: int = 256) -> float:
-    """Shift the model's energies by the mean training residual (kcal/mol); return the shift applied.
-
-    A constant changes neither forces nor exp(−βE) sampling; the contrastive term cannot
-    see it, so it is fitted in closed form instead of by the weak ρ_E-weighted gradient.
-    """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    residuals = []
-    with torch.no_grad():
-        for i in range(0, len(frames), batch_size):
-            R = torch.as_tensor(frames.R[i : i + batch_size], device=device, dtype=dtype)
-            residuals.append(frames.E[i : i + batch_size] - model.energy(R).double().cpu().numpy())
-    delta = float(np.mean(np.concatenate(residuals)))
-    model.shift_energy(delta)
-    return delta
 
 
 def train_crmse(

@@ -237,7 +237,8 @@ def save_checkpoint(model: Potential, path: str | Path, meta: dict[str, Any] | N
         raise ValueError(f"refusing to save a model with non-finite weights in {bad[:3]}")
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "config": dict(model.config),
+        # The actual dtype, in case the model was cast after construction (e.g. .double()).
+        "config": {**model.config, "dtype": {v: k for k, v in _DTYPES.items()}[model.dtype]},
         "z": model.z.cpu().tolist(),
         "scaling": {"mean_per_atom": model.mean, "std_per_atom": model.std},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -115,7 +115,7 @@ def evaluate_errors(
     }
 
 
-def refit_energy_offset(model: Potential, frames: Frames, batch_size: int = 64) -> float:
+def refit_energy_offset(model: Any, frames: Frames, batch_size: int = 64) -> float:
     """Set the model's constant energy offset to its least-squares value on ``frames``; return the shift.
 
     E_θ + c with c = mean(E_ref − E_θ) (kcal/mol per molecule, applied as c/n to the per-atom
@@ -127,7 +127,7 @@ def refit_energy_offset(model: Potential, frames: Frames, batch_size: int = 64) 
     shift = float((E - E_pred).mean())
     if not math.isfinite(shift):
         raise TrainingError(f"non-finite energy residual ({shift}) while refitting the energy offset")
-    model.mean += shift / model.n_atoms
+    model.shift_energy(shift)
     return shift
 
 
