@@ -9,6 +9,8 @@ TORCH ?= torch==2.13.0
 PRESET ?= cpu
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONHASHSEED := 0
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning made torch steps 10-50x slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 # schnetpack 2.2 declares Python >= 3.12 but runs on 3.11; on 3.11 install its
 # dependencies explicitly and schnetpack itself with --no-deps (DESIGN.md §6).
