@@ -66,3 +66,20 @@ def write_synthetic_npz(path: Path, molecule: str = "ethanol", n: int = 120, see
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
     return path
+
+
+def collapse_methyl_h(R: np.ndarray, d: float = 0.8) -> np.ndarray:
+    """Swing ethanol's methyl H 6 about its carbon (C 1, bond length kept) to ``d`` Å from methyl H 5.
+
+    This is the spurious state of DESIGN.md §3: two methyl H collapse while every bond keeps its
+    length, so the bond criterion calls it stable.
+    """
+    R = R.copy()
+    a, b = R[..., 5, :] - R[..., 1, :], R[..., 6, :] - R[..., 1, :]
+    ra, rb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
+    e1 = a / ra
+    e2 = b - (b * e1).sum(-1, keepdims=True) * e1
+    e2 /= np.linalg.norm(e2, axis=-1, keepdims=True)
+    cos = (ra**2 + rb**2 - d**2) / (2 * ra * rb)
+    R[..., 6, :] = R[..., 1, :] + rb * (cos * e1 + np.sqrt(1 - cos**2) * e2)
+    return R

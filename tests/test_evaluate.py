@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from synthetic import synthetic_arrays
+from synthetic import collapse_methyl_h, synthetic_arrays
 
 from crmse.data import Frames
 from crmse.evaluate import EvaluateError, evaluate_run, load_samples
@@ -31,21 +31,6 @@ def _frames(a: dict) -> Frames:
     return Frames(a["z"], a["R"], a["E"].reshape(-1), a["F"], a["md17_index"])
 
 
-def _collapse(R: np.ndarray, d: float = 0.8) -> np.ndarray:
-    """Swing methyl H 6 about its carbon (C 1, bond length kept) to ``d`` Å from methyl H 5.
-
-    This is the spurious state of DESIGN.md §3: two methyl H collapse while every bond keeps its
-    length, so the bond criterion calls it stable.
-    """
-    R = R.copy()
-    a, b = R[..., 5, :] - R[..., 1, :], R[..., 6, :] - R[..., 1, :]
-    ra, rb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
-    e1 = a / ra
-    e2 = b - (b * e1).sum(-1, keepdims=True) * e1
-    e2 /= np.linalg.norm(e2, axis=-1, keepdims=True)
-    cos = (ra**2 + rb**2 - d**2) / (2 * ra * rb)
-    R[..., 6, :] = R[..., 1, :] + rb * (cos * e1 + np.sqrt(1 - cos**2) * e2)
-    return R
 
 
 def _make_inputs(root: Path) -> dict:
@@ -69,7 +54,7 @@ def _make_inputs(root: Path) -> dict:
     samples = {}
     # mse: replica 1 collapses into the H–H state from frame 4; replica 3 blows up at frame 7 (NaN from there)
     R_mse, E_mse = R.copy(), E.copy()
-    R_mse[4:, 1] = _collapse(R_mse[4:, 1])
+    R_mse[4:, 1] = collapse_methyl_h(R_mse[4:, 1])
     E_mse[4:, 1] = pool.E.min() - 30.0
     R_mse[7:, 3], E_mse[7:, 3] = np.nan, np.nan
     samples["mse"] = dict(R=R_mse, E=E_mse, unstable=np.array([-1, -1, -1, 7]))

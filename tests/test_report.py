@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from synthetic import synthetic_arrays
+from synthetic import collapse_methyl_h, synthetic_arrays
 
 from crmse import report
 from crmse.audit import AuditConfig, DFTResult, DFTSettings, SampleRun, model_energy_forces, run_audit, write_rows_csv
@@ -41,17 +41,6 @@ T_FRAMES, M = 12, 4
 T_SET = 650.0
 
 
-def _collapse(R: np.ndarray, d: float = 0.8) -> np.ndarray:
-    """Swing methyl H 6 about its carbon (bond length kept) to ``d`` Å from methyl H 5: the spurious state."""
-    R = R.copy()
-    a, b = R[..., 5, :] - R[..., 1, :], R[..., 6, :] - R[..., 1, :]
-    ra, rb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
-    e1 = a / ra
-    e2 = b - (b * e1).sum(-1, keepdims=True) * e1
-    e2 /= np.linalg.norm(e2, axis=-1, keepdims=True)
-    cos = (ra**2 + rb**2 - d**2) / (2 * ra * rb)
-    R[..., 6, :] = R[..., 1, :] + rb * (cos * e1 + np.sqrt(1 - cos**2) * e2)
-    return R
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -98,7 +87,7 @@ def make_run(root: Path, crmse_dead: bool = False) -> dict:
     E = np.repeat(pool.E[:M][None], T_FRAMES, 0) + rng.normal(0, 1.0, (T_FRAMES, M))
     time_ps = 0.01 * np.arange(1, T_FRAMES + 1)
     R_mse, E_mse = R.copy(), E.copy()
-    R_mse[4:, 1] = _collapse(R_mse[4:, 1])  # replica 1 enters the H–H collapse at frame 4 (t = 0.05 ps)
+    R_mse[4:, 1] = collapse_methyl_h(R_mse[4:, 1])  # replica 1 enters the H–H collapse at frame 4 (t = 0.05 ps)
     E_mse[4:, 1] = pool.E.min() - 30.0
     R_mse[8:, 3], E_mse[8:, 3] = np.nan, np.nan  # replica 3 blows up at frame 8
     samples = {"mse": (R_mse, E_mse, np.array([-1, -1, -1, 8])), "crmse": (R, E + 1.0, np.full(M, -1))}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import schnetpack.properties as props
 import torch
 from torch import Tensor
 
@@ -70,7 +69,6 @@ class VerletPotential:
         """Energies (B,) float64 kcal/mol, differentiable in R (pairs of the current list)."""
         m = self.model
         m._check(R)
-        B, n = R.shape[:2]
         if self._needs_rebuild(R.detach()):
             self._build(R.detach())
         Rf = R.reshape(-1, 3)
@@ -79,20 +77,7 @@ class VerletPotential:
         if self.prune:
             near = torch.nonzero(Rij.detach().norm(dim=-1) < self.cutoff, as_tuple=True)[0]
             ii, jj, Rij = ii[near], jj[near], Rij[near]
-        g = m._graph(B)
-        inputs = {
-            props.Z: g[props.Z],
-            props.idx_m: g[props.idx_m],
-            props.n_atoms: g[props.n_atoms],
-            props.idx_i: ii,
-            props.idx_j: jj,
-            props.R: Rf,
-            props.Rij: Rij,
-        }
-        inputs = m.representation(inputs)
-        y = m.head(inputs)["y_atom"].reshape(B, n)
-        # Same assembly as Potential.energy: per-atom scaling and the sum in float64.
-        return (y.double() * m.std).sum(1) + n * m.mean
+        return m.energy_with_pairs(R, ii, jj, Rij)
 
     def __call__(self, R: Tensor) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
