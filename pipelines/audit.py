@@ -8,7 +8,6 @@ folder (default cache/dft, or $CRMSE_DFT_CACHE) that is not a DVC output: DVC de
 stage runs, and a DFT energy depends only on the geometry and the settings, which form the cache key.
 """
 
-import argparse
 import os
 import sys
 
@@ -26,6 +25,7 @@ from crmse.audit import (
 from crmse.data import Frames
 from crmse.io import run_dir, write_json, write_npz
 from crmse.params import load_params
+from crmse.stage import run_parser, set_torch_threads
 
 MODELS = ("mse", "crmse")
 
@@ -36,10 +36,7 @@ def _frames(path):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     parser.add_argument("--cache", default=os.environ.get("CRMSE_DFT_CACHE", "cache/dft"),
                         help="persistent per-frame DFT cache folder (default: cache/dft or $CRMSE_DFT_CACHE)")
     args = parser.parse_args()
@@ -56,13 +53,11 @@ if __name__ == "__main__":
         print(f"audit {mol} n{size} s{seed}: skipped ({mol} not in audit.molecules {audit['molecules']})")
         sys.exit(0)
 
-    import torch
 
     from crmse.model import load_checkpoint
     from crmse.observables import BondReference, SpuriousDetector
 
-    if params["torch_threads"] > 0:
-        torch.set_num_threads(params["torch_threads"])
+    set_torch_threads(params)
     split = run_dir("data/splits", mol, size, seed)
     reference, test = _frames(split / "reference.npz"), _frames(split / "test.npz")
     ev = params["evaluate"]

@@ -1,23 +1,17 @@
 """DVC stage `evaluate`: observables and metrics of the MSE and CRMSE models of one (molecule, size, seed)."""
 
-import argparse
 import sys
-
-import torch
 
 from crmse.evaluate import EvaluateError, evaluate_run
 from crmse.model import resolve_device
 from crmse.params import load_params
+from crmse.stage import run_parser, set_torch_threads
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     args = parser.parse_args()
     params = load_params()
-    if params["torch_threads"] > 0:
-        torch.set_num_threads(params["torch_threads"])
+    set_torch_threads(params)
     try:
         m = evaluate_run(args.molecule, args.size, args.seed, params, device=resolve_device(params["device"]))
     except EvaluateError as exc:

@@ -7,10 +7,7 @@ frames) and the split; writes crmse.pt (same checkpoint format as mse.pt), crmse
 (per iteration), crmse_val.csv (per evaluation) and crmse_metrics.json.
 """
 
-import argparse
 import sys
-
-import torch
 
 from crmse.contrastive import CRMSEConfig, train_crmse
 from crmse.data import load_frames
@@ -19,17 +16,14 @@ from crmse.langevin import StabilityCheck
 from crmse.model import load_checkpoint, resolve_device, save_checkpoint
 from crmse.observables import SpuriousDetector
 from crmse.params import load_params
+from crmse.stage import run_parser, set_torch_threads
 from crmse.train import evaluate_errors, write_log_csv
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     args = parser.parse_args()
     params = load_params()
-    if params["torch_threads"]:
-        torch.set_num_threads(params["torch_threads"])
+    set_torch_threads(params)
     device = resolve_device(params["device"])
     run = run_dir("models", args.molecule, args.size, args.seed)
     if not (run / "mse.pt").exists():

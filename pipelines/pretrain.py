@@ -3,7 +3,6 @@
 Writes models/<mol>/n<size>/s<seed>/{mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json}.
 """
 
-import argparse
 import os
 
 # Before torch loads OpenMP: on a shared CPU, spinning OpenMP threads slow training ~50x
@@ -11,13 +10,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from crmse.params import load_params  # noqa: E402
+from crmse.stage import run_parser
 from crmse.train import pretrain  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     args = parser.parse_args()
     m = pretrain(args.molecule, args.size, args.seed, load_params())
     print(

@@ -4,7 +4,6 @@ Executes pipelines/report.ipynb into reports/<mol>/n<size>/s<seed>.ipynb and ren
 next to it (figures embedded, code hidden). Run from the repository root.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,14 +11,12 @@ from papermill.exceptions import PapermillExecutionError
 
 from crmse.io import run_dir
 from crmse.report import ReportError, execute_report, load_run
+from crmse.stage import run_parser
 
 TEMPLATE = Path(__file__).with_name("report.ipynb")
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     args = parser.parse_args()

@@ -5,10 +5,7 @@ results/<mol>/n<size>/s<seed>/<model>/{samples.npz, sample.json, trajectory.traj
 An interrupted run resumes from its last complete chunk (results/.../.<model>.partial/).
 """
 
-import argparse
 import sys
-
-import torch
 
 from crmse.data import load_frames
 from crmse.io import read_json, run_dir, sha256
@@ -16,17 +13,14 @@ from crmse.model import load_checkpoint, resolve_device
 from crmse.pairlist import VerletPotential
 from crmse.params import load_params
 from crmse.sampling import SampleSettings, run_sampling
+from crmse.stage import run_parser, set_torch_threads
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     parser.add_argument("model", choices=("mse", "crmse"))
     args = parser.parse_args()
     params = load_params()
-    if params["torch_threads"]:
-        torch.set_num_threads(params["torch_threads"])
+    set_torch_threads(params)
     device = resolve_device(params["device"])
 
     ckpt = run_dir("models", args.molecule, args.size, args.seed) / f"{args.model}.pt"

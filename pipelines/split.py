@@ -1,17 +1,14 @@
 """DVC stage `split`: seeded train/val/test split and reference pool of one (molecule, size, seed)."""
 
-import argparse
 import hashlib
 
 from crmse.data import load_frames, make_split, stride_to
 from crmse.io import run_dir, write_json
 from crmse.params import check_sizes, load_params
+from crmse.stage import run_parser
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("molecule")
-    parser.add_argument("size", type=int)
-    parser.add_argument("seed", type=int)
+    parser = run_parser(__doc__)
     args = parser.parse_args()
     params = load_params()
     frames = load_frames(f"data/raw/{args.molecule}.npz", args.molecule, params["data"]["variant"])
