@@ -284,25 +284,22 @@ def test_stage_script_runs_from_a_project_root(tmp_path):
     params["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, str(REPO / "pipelines/evaluate.py"), MOL, str(SIZE), str(SEED)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    def stage() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "pipelines/evaluate.py"), MOL, str(SIZE), str(SEED)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    out = stage()
     assert out.returncode == 0, out.stdout + out.stderr
     assert "mse: test E/F MAE" in out.stdout and "crmse:" in out.stdout
     assert (run_dir(tmp_path / "metrics", MOL, SIZE, SEED) / "metrics.json").exists()
     # a missing checkpoint: clear message naming the file, non-zero exit
     (run_dir(tmp_path / "models", MOL, SIZE, SEED) / "crmse.pt").unlink()
-    out = subprocess.run(
-        [sys.executable, str(REPO / "pipelines/evaluate.py"), MOL, str(SIZE), str(SEED)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = stage()
     assert out.returncode != 0 and "crmse.pt" in out.stderr
 
 
