@@ -47,7 +47,7 @@ def load_split(mol: str, size: int, name: str) -> Frames:
 def bench_crmse(train: Frames, val: Frames, model_p: dict, mse_p: dict, epochs: int) -> dict:
     torch.manual_seed(0)
     model = build_model(train.z, model_p, train)
-    p = {**mse_p, "max_epochs": epochs + 1, "max_minutes": 1e6, "early_stopping_patience": 10**6}
+    p = {**mse_p, "max_epochs": epochs + 1, "max_steps": 10**9, "max_minutes": 1e6, "early_stopping_patience": 10**6}
     res = train_mse(model, train, val, p, seed=0, progress=False)
     t = sum(res.epoch_train_s[1:])
     return {"frames_per_s": len(train) * epochs / t, "s_per_epoch": t / epochs, "n_params": model.n_parameters()}

@@ -40,7 +40,7 @@ if __name__ == "__main__":
     parser.add_argument("--cache", default=os.environ.get("CRMSE_DFT_CACHE", "cache/dft"),
                         help="persistent per-frame DFT cache folder (default: cache/dft or $CRMSE_DFT_CACHE)")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     audit = params["audit"]
     mol, size, seed = args.molecule, args.size, args.seed
     out_metrics = run_dir("metrics", mol, size, seed)

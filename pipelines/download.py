@@ -9,7 +9,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("molecule")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     data = params["data"]
     meta = download(
         args.molecule,

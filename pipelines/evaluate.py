@@ -1,19 +1,24 @@
-"""DVC stage `evaluate`: observables and metrics of the MSE and CRMSE models of one (molecule, size, seed)."""
+"""DVC stage `evaluate`: observables and metrics of the MSE and CRMSE models of one (molecule, size, seed).
+
+``--temperature K`` evaluates the temperature-ablation samples in the run's T<K>/ sub-folders.
+"""
 
 import sys
 
 from crmse.evaluate import EvaluateError, evaluate_run
+from crmse.io import temperature_variant
 from crmse.model import resolve_device
 from crmse.params import load_params
 from crmse.stage import run_parser, set_torch_threads
 
 if __name__ == "__main__":
-    parser = run_parser(__doc__)
+    parser = run_parser(__doc__, ablation=True)
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     set_torch_threads(params)
     try:
-        m = evaluate_run(args.molecule, args.size, args.seed, params, device=resolve_device(params["device"]))
+        m = evaluate_run(args.molecule, args.size, args.seed, params, device=resolve_device(params["device"]),
+                         variant=temperature_variant(args.temperature))
     except EvaluateError as exc:
         sys.exit(f"error: {exc}")
     nf = m["noise_floor"]

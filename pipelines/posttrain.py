@@ -9,12 +9,10 @@ frames) and the split; writes crmse.pt (same checkpoint format as mse.pt), crmse
 
 import sys
 
-from crmse.contrastive import CRMSEConfig, train_crmse
+from crmse.contrastive import CRMSEConfig, chain_monitors, train_crmse
 from crmse.data import load_frames
 from crmse.io import read_json, run_dir, write_json
-from crmse.langevin import StabilityCheck
 from crmse.model import load_checkpoint, resolve_device, save_checkpoint
-from crmse.observables import SpuriousDetector
 from crmse.params import load_params
 from crmse.stage import run_parser, set_torch_threads
 from crmse.train import evaluate_errors, write_log_csv
@@ -22,7 +20,7 @@ from crmse.train import evaluate_errors, write_log_csv
 if __name__ == "__main__":
     parser = run_parser(__doc__)
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     set_torch_threads(params)
     device = resolve_device(params["device"])
     run = run_dir("models", args.molecule, args.size, args.seed)
@@ -31,25 +29,15 @@ if __name__ == "__main__":
     model, mse_meta = load_checkpoint(run / "mse.pt", device=device)
     split = run_dir("data/splits", args.molecule, args.size, args.seed)
     variant = params["data"]["variant"]
-    train, val, test, reference = (
-        load_frames(split / f"{name}.npz", args.molecule, variant) for name in ("train", "val", "test", "reference")
-    )
+    train, val, test = (load_frames(split / f"{name}.npz", args.molecule, variant) for name in ("train", "val", "test"))
 
     c, ev = params["crmse"], params["evaluate"]
     temperature = c["temperature"]
     if temperature == "auto":
-        # The same T_conf of the training frames (MSE model Laplacian) that the sample stage uses.
-        temperature = read_json(run / "mse_metrics.json")["T_conf_train_K"]
+        # The same T_conf of the validation frames (MSE model Laplacian) that the sample stage uses.
+        temperature = read_json(run / "mse_metrics.json")["T_auto_K"]
     cfg = CRMSEConfig.from_params(c, temperature, args.seed)
-    stability = StabilityCheck.from_reference(reference.z, reference.R, ev["bond_tolerance"], ev["bond_factor"])
-    detector = SpuriousDetector.from_reference(
-        reference.z,
-        reference.R,
-        reference.E,
-        stability.bonds.numpy(),
-        ev["spurious_energy_margin"],
-        ev["spurious_distance_margin"],
-    )
+    stability, detector = chain_monitors(train, val, ev)
     print(f"crmse {args.molecule} n{args.size} s{args.seed}: T_chain {temperature:.1f} K, {cfg.iterations} iterations")
     result = train_crmse(model, train, val, cfg, stability, detector, device=device)
 
@@ -69,6 +57,7 @@ if __name__ == "__main__":
     write_log_csv(run / "crmse_log.csv", result.log, list(result.log[0]))
     write_log_csv(run / "crmse_val.csv", result.val_log, list(result.val_log[0]))
     last = result.val_log[-1]
+    chosen = next((r for r in result.val_log if r["iteration"] == result.selected_iteration), last)
     write_json(
         run / "crmse_metrics.json",
         {
@@ -82,6 +71,7 @@ if __name__ == "__main__":
             "final_gap": last["gap"],
             "chain_blowups": int(sum(r["blowups"] for r in result.log)),
             "chains_spurious_at_end": last["n_spurious"],
+            "chain_failures_before_selected": chosen["chain_failures"],
             "wall_s": result.wall_s,
             "device": str(device),
         },

@@ -16,7 +16,7 @@ from crmse.train import pretrain  # noqa: E402
 if __name__ == "__main__":
     parser = run_parser(__doc__)
     args = parser.parse_args()
-    m = pretrain(args.molecule, args.size, args.seed, load_params())
+    m = pretrain(args.molecule, args.size, args.seed, load_params(molecule=args.molecule))
     print(
         f"{args.molecule} n{args.size} s{args.seed}: test E MAE {m['test']['energy_mae']:.3f} kcal/mol, "
         f"F MAE {m['test']['force_mae']:.3f} kcal/mol/Å; {m['epochs']} epochs in {m['wall_s'] / 60:.1f} min "

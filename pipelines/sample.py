@@ -1,14 +1,15 @@
 """DVC stage `sample`: Langevin MD of one model (mse | crmse) of one (molecule, size, seed).
 
 Reads models/<mol>/n<size>/s<seed>/<model>.pt and the split; writes
-results/<mol>/n<size>/s<seed>/<model>/{samples.npz, sample.json, trajectory.traj}.
+results/<mol>/n<size>/s<seed>/<model>/{samples.npz, sample.json, trajectory.traj}; with
+``--temperature K`` (the temperature ablation) results/<mol>/n<size>/s<seed>/T<K>/<model>/.
 An interrupted run resumes from its last complete chunk (results/.../.<model>.partial/).
 """
 
 import sys
 
 from crmse.data import load_frames
-from crmse.io import read_json, run_dir, sha256
+from crmse.io import read_json, run_dir, sha256, temperature_variant
 from crmse.model import load_checkpoint, resolve_device
 from crmse.pairlist import VerletPotential
 from crmse.params import load_params
@@ -16,10 +17,10 @@ from crmse.sampling import SampleSettings, run_sampling
 from crmse.stage import run_parser, set_torch_threads
 
 if __name__ == "__main__":
-    parser = run_parser(__doc__)
+    parser = run_parser(__doc__, ablation=True)
     parser.add_argument("model", choices=("mse", "crmse"))
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     set_torch_threads(params)
     device = resolve_device(params["device"])
 
@@ -35,14 +36,15 @@ if __name__ == "__main__":
     train = load_frames(split / "train.npz", args.molecule, variant)
     reference = load_frames(split / "reference.npz", args.molecule, variant)
 
-    T = params["md"]["temperature"]
+    T = params["md"]["temperature"] if args.temperature is None else float(args.temperature)
     if T == "auto":
-        # T_conf of the training frames with the MSE model's Laplacian, computed once by the
+        # T_conf of the validation frames with the MSE model's Laplacian, computed once by the
         # pretrain stage, so that the MSE and the CRMSE model are sampled at one temperature.
-        T = read_json(run_dir("models", args.molecule, args.size, args.seed) / "mse_metrics.json")["T_conf_train_K"]
-    print(f"sample: temperature {params['md']['temperature']} -> {T:.1f} K")
+        T = read_json(run_dir("models", args.molecule, args.size, args.seed) / "mse_metrics.json")["T_auto_K"]
+    setting = params["md"]["temperature"] if args.temperature is None else float(args.temperature)
+    print(f"sample: temperature {setting} -> {T:.1f} K")
     settings = SampleSettings.from_params(params, T, args.seed)
-    label = f"{args.molecule} n{args.size} s{args.seed} {args.model}"
+    label = f"{args.molecule} n{args.size} s{args.seed} {args.model} {temperature_variant(args.temperature)}".strip()
     skin = params["md"]["skin"]
     # A Verlet list (pairs within the cutoff only) pays off when the molecule is larger than the
     # cutoff sphere (aspirin); the result does not depend on when the list was built.
@@ -52,7 +54,7 @@ if __name__ == "__main__":
         reference.z,
         reference.R,
         settings,
-        run_dir("results", args.molecule, args.size, args.seed) / args.model,
+        run_dir("results", args.molecule, args.size, args.seed) / temperature_variant(args.temperature) / args.model,
         device=device,
         dtype=dtype,
         energy_fn=model.energy,
@@ -64,7 +66,7 @@ if __name__ == "__main__":
             "model": args.model,
             "checkpoint": str(ckpt),
             "checkpoint_sha256": sha256(ckpt),
-            "temperature_setting": params["md"]["temperature"],
+            "temperature_setting": setting,
             "pair_list": f"verlet, skin {skin} A, pruned to the cutoff" if skin > 0 else "all pairs",
         },
     )

@@ -10,7 +10,7 @@ from crmse.stage import run_parser
 if __name__ == "__main__":
     parser = run_parser(__doc__)
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(molecule=args.molecule)
     frames = load_frames(f"data/raw/{args.molecule}.npz", args.molecule, params["data"]["variant"])
     check_sizes(params, {args.molecule: len(frames)})
     sp = params["split"]

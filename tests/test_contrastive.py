@@ -207,3 +207,22 @@ def test_selected_weights_come_with_their_own_energy_offset():
     train_crmse(model, data, data, cfg, progress=False)
     residual = data.E - model.energy(torch.as_tensor(data.R)).detach().numpy()
     assert abs(residual.mean()) < 1e-9
+
+
+def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_the_well():
+    data = _toy_data(128)
+
+    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
+
+    model = ToyDiatomic(A=12.0)
+    cfg = _cfg(iterations=200, lr=0.1, eval_every=20, select_after=0.0, selection="fewest_chain_failures")
+    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    failures = {int(r["iteration"]): r["chain_failures"] for r in res.val_log}
+    assert max(failures.values()) > 0  # the chains did fall into the well early on
+    assert failures[res.selected_iteration] == min(failures.values())
+    ties = [it for it, f in failures.items() if f == min(failures.values())]
+    forces = {int(r["iteration"]): r["val_force_mae"] for r in res.val_log}
+    assert forces[res.selected_iteration] == min(forces[it] for it in ties)  # ties broken by validation forces
+    assert "fewest chain failures" in res.selection_note
+    torch.testing.assert_close(model.A.detach(), res.state_dict["A"])  # the model holds the selected weights

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from synthetic import write_synthetic_npz
 
+from crmse.io import temperature_variant
 from crmse.params import SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,13 +30,16 @@ def test_every_stage_depends_on_its_script_and_declares_known_params():
         assert script in stage["deps"], f"stage {name} does not depend on its script {script}"
         for p in stage.get("params", []):
             key = p if isinstance(p, str) else next(iter(p))
+            if key == "per_molecule.${item.molecule}":
+                assert "molecule" in stage["matrix"], name
+                continue
             node = SCHEMA
             for part in key.split("."):
                 assert part in node, f"stage {name} declares unknown param {key}"
                 node = node[part]
 
 
-def _project(tmp_path: Path, sizes: str = "[40]") -> Path:
+def _project(tmp_path: Path, sizes: str = "[40]", **md) -> Path:
     """A copy of the repository's pipeline definition in a fresh git+DVC project."""
     proj = tmp_path / "proj"
     for item in ("src", "pipelines", "dvc.yaml", "params.yaml"):
@@ -45,6 +49,7 @@ def _project(tmp_path: Path, sizes: str = "[40]") -> Path:
     params["molecules"] = ["ethanol"]
     params["train_sizes"] = yaml.safe_load(sizes)
     params["split"].update(n_val=10, n_test=20)
+    params["md"].update(md)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     subprocess.run([*DVC, "init", "-q"], cwd=proj, check=True)
@@ -80,3 +85,23 @@ def test_download_and_split_under_dvc_repro(tmp_path):
     third = _repro(proj, mirror, "split")
     assert "Running stage 'split@ethanol-60-0'" in third
     assert "Running stage 'download@ethanol'" not in third and "Running stage 'split@ethanol-40-0'" not in third
+
+
+def _stage_list(proj: Path) -> list[str]:
+    out = subprocess.run([*DVC, "stage", "list", "--name-only"], cwd=proj, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.split()
+
+
+def test_temperature_ablation_adds_stages_only_when_asked(tmp_path):
+    plain = _stage_list(_project(tmp_path / "a"))
+    assert not [s for s in plain if "ablation" in s]
+    proj = _project(tmp_path / "b", ablation_temperatures=[500])
+    stages = _stage_list(proj)
+    for model in ("mse", "crmse"):
+        assert f"sample_ablation@ethanol-40-0-500-{model}" in stages
+    assert "evaluate_ablation@ethanol-40-0-500" in stages and "report_ablation@ethanol-40-0-500" in stages
+    # The main branches are untouched, and the ablation writes where the scripts read (same folder name).
+    assert set(plain) <= set(stages)
+    shown = subprocess.run([*DVC, "stage", "list"], cwd=proj, capture_output=True, text=True).stdout
+    assert f"results/ethanol/n40/s0/{temperature_variant('500')}/mse" in shown

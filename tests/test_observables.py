@@ -26,6 +26,7 @@ from crmse.observables import (
     hr_histogram,
     hr_mae,
     noise_floor,
+    replica_bootstrap,
     stability_summary,
     stable_fraction_curve,
     torsion_angles,
@@ -397,3 +398,26 @@ def test_compare_identical_sources_is_zero():
         "dihedral_hydroxyl_rmse": 0.0,
         "dihedral_hydroxyl_unvisited": 0.0,
     }
+
+
+def test_replica_bootstrap_measures_the_spread_between_replicas():
+    t = (Torsion("hydroxyl", "x", ((8, 2, 0, 1),)),)
+    z, R0, _ = reference_frame("ethanol")
+    rng = np.random.default_rng(4)
+    T, M = 40, 30
+    R = R0 + 0.05 * rng.standard_normal((T, M, len(z), 3))
+    offsets = rng.normal(0.0, 2.0, M)  # each replica sits at its own mean energy
+    E = offsets[None, :] + 0.1 * rng.standard_normal((T, M))
+    valid = np.ones((T, M), dtype=bool)
+    ref = distributions(R.reshape(-1, len(z), 3), np.zeros(T * M), t, 12, 500.0)
+    boot = replica_bootstrap(R, E, valid, ref, t, 12, 500.0, n_boot=400, seed=1)
+    # The bootstrap sd of a mean over replicas is the replicas' spread / sqrt(M).
+    expected = E.mean(0).std() / np.sqrt(M)
+    assert boot["energy_mean_shift_boot_sd"] == pytest.approx(expected, rel=0.15)
+    assert boot["hr_mae_boot_sd"] > 0 and boot["dihedral_hydroxyl_rmse_boot_sd"] > 0
+
+    same = np.repeat(R[:, :1], M, axis=1)  # identical replicas: resampling changes nothing
+    flat = replica_bootstrap(same, np.repeat(E[:, :1], M, axis=1), valid, ref, t, 12, 500.0, n_boot=50)
+    assert all(v == pytest.approx(0.0, abs=1e-12) for v in flat.values())
+    one = replica_bootstrap(R[:, :1], E[:, :1], valid[:, :1], ref, t, 12, 500.0)  # one replica: no spread
+    assert set(one) == set(boot) and all(v is None for v in one.values())

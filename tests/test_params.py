@@ -102,3 +102,43 @@ def test_presets_are_valid_and_cpu_restores_defaults(tmp_path):
     assert load_params(target) == default
     with pytest.raises(ParamsError, match="unknown preset 'huge'"):
         apply_preset("huge", target, presets)
+
+
+def test_per_molecule_overrides_apply_to_their_molecule_only(tmp_path, params):
+    p = copy.deepcopy(params)
+    p["molecules"] = ["ethanol", "aspirin"]
+    p["per_molecule"] = {"ethanol": {}, "aspirin": {"md": {"n_replicas": 7}, "crmse": {"n_chains": 5}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    base = load_params(tmp_path / "params.yaml")
+    asp = load_params(tmp_path / "params.yaml", molecule="aspirin")
+    eth = load_params(tmp_path / "params.yaml", molecule="ethanol")
+    assert (asp["md"]["n_replicas"], asp["crmse"]["n_chains"]) == (7, 5)
+    assert eth["md"] == base["md"] and eth["crmse"] == base["crmse"]
+    assert asp["md"]["dt"] == base["md"]["dt"]  # keys the override leaves alone keep the shared value
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"md": {"n_replicas": 0}}, r"md.n_replicas = 0.*>= 1"),
+        ({"md": {"replicas": 3}}, r"unknown key per_molecule.aspirin.md.replicas"),
+        ({"seeds": [1]}, r"per_molecule.aspirin.seeds cannot be set per molecule"),
+        ("many", r"per_molecule.aspirin must be a mapping"),
+    ],
+)
+def test_bad_per_molecule_overrides_are_named(params, override, message):
+    p = copy.deepcopy(params)
+    p["per_molecule"] = {"ethanol": {}, "aspirin": override}
+    with pytest.raises(ParamsError, match=message):
+        validate(p)
+
+
+def test_every_molecule_needs_a_per_molecule_entry(params):
+    p = copy.deepcopy(params)
+    p["molecules"] = ["ethanol", "aspirin"]
+    p["per_molecule"] = {"ethanol": {}}
+    with pytest.raises(ParamsError, match=r"per_molecule has no entry for aspirin"):
+        validate(p)
+    p["per_molecule"] = {"ethanol": {}, "aspirin": {}, "benzol": {}}
+    with pytest.raises(ParamsError, match=r"per_molecule.benzol: unknown molecule"):
+        validate(p)

@@ -114,7 +114,7 @@ def make_run(root: Path, crmse_dead: bool = False) -> dict:
     ])
     write_json(models / "mse_metrics.json", {
         "epochs": 30, "best_epoch": 28, "stop_reason": "max_epochs", "wall_s": 30.0, "device": "cpu",
-        "T_conf_train_K": T_SET, "val": {"energy_mae": 0.4, "force_mae": 1.5}, "test": {"energy_mae": 0.41},
+        "T_conf_train_K": T_SET + 30, "T_conf_val_K": T_SET, "T_auto_K": T_SET, "val": {"energy_mae": 0.4, "force_mae": 1.5}, "test": {"energy_mae": 0.41},
     })
     # crmse stage: per-iteration chain log, per-evaluation validation log, metrics (posttrain.py's formats)
     its = np.arange(1, 31)
@@ -312,7 +312,9 @@ def test_report_stage_renders_every_figure_and_the_table(project):
     assert "report.load_run" not in page  # code is hidden
     assert page.index('id="metrics-table"') < page.index('id="fig-temperature"') < page.index('id="fig-audit"')
     nb = read_json(stem.with_suffix(".ipynb"))
-    assert nb["metadata"]["papermill"]["parameters"] == {"molecule": MOL, "size": SIZE, "seed": SEED, "root": "."}
+    assert nb["metadata"]["papermill"]["parameters"] == {
+        "molecule": MOL, "size": SIZE, "seed": SEED, "root": ".", "variant": ""
+    }
     assert not list(stem.parent.glob(".*.tmp"))  # atomic writes left no temporaries
 
 
@@ -356,6 +358,9 @@ def test_index_stage_links_runs_and_draws_the_sweep(project, tmp_path):
     figs = _figures(page)
     assert set(figs) == {f"sweep-{MOL}"} and len(figs[f"sweep-{MOL}"]) > 20_000
     assert "4 evaluated runs" in page and "n999" not in page
+    table = page[page.index('id="sweep-table"'):]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr") == 1 + 2 and " ± " in table  # header + two sizes, two seeds each
     assert report.AUTO_GROUP in page
 
 
@@ -374,3 +379,35 @@ def test_dvc_stages_declare_their_inputs():
     # the index follows every run whatever train_sizes holds: folder deps plus the declared-run params
     assert {"metrics", "models", "pipelines/index.ipynb", "pipelines/report_index.py"} <= set(idx["deps"])
     assert {"molecules", "train_sizes", "seeds"} <= set(idx["params"])
+
+
+def test_temperature_ablation_run_is_evaluated_reported_and_indexed_beside_the_main_run(project, tmp_path):
+    src, _ = project
+    root = tmp_path / "proj"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("reports"))
+    res = run_dir(root / "results", MOL, SIZE, SEED)
+    for name in ("mse", "crmse"):  # the same samples, declared as sampled at 500 K (the sample stage's layout)
+        out = res / "T500" / name
+        shutil.copytree(res / name, out)
+        with np.load(out / "samples.npz") as d:
+            arrays = {k: d[k] for k in d.files}
+        write_npz(out / "samples.npz", **{**arrays, "temperature": np.array(500.0)})
+        info = read_json(out / "sample.json")
+        write_json(out / "sample.json", {**info, "temperature_setting": 500.0, "temperature_K": 500.0})
+    params = _params(root)
+    evaluate_run(MOL, SIZE, SEED, params, root=root, device="cpu", progress=False, variant="T500")
+    met = read_json(run_dir(root / "metrics", MOL, SIZE, SEED) / "T500" / "metrics.json")
+    assert met["mse"]["T_set"] == 500.0 and met["reference"]["dihedral_temperature"] == 500.0
+    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED),
+                          "--temperature", "500", "--no-progress"], cwd=root, env=_env(), capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    page = (run_dir(root / "reports", MOL, SIZE, SEED) / "T500.html").read_text()
+    assert "sampled at 500 K (temperature ablation)" in page and "compared at T = 500 K" in page
+    out = subprocess.run([sys.executable, str(REPO / "pipelines/report_index.py"), "--no-progress"], cwd=root,
+                         env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    index = (root / "reports/index.html").read_text()
+    links = re.findall(r'<a href="([^"]+)">', index)
+    assert sorted(links) == sorted([f"{MOL}/n{SIZE}/s{SEED}.html", f"{MOL}/n{SIZE}/s{SEED}/T500.html"])
+    assert report.AUTO_GROUP in index and "T = 500 K" in index

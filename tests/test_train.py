@@ -38,6 +38,7 @@ MSE = {
     "lr_patience": 5,
     "min_lr": 1e-5,
     "max_epochs": 12,
+    "max_steps": 100000,
     "max_minutes": 5.0,
     "early_stopping_patience": 50,
     "grad_clip": 10.0,
@@ -161,6 +162,13 @@ def test_early_stopping_decays_the_lr_first(data):
     assert lrs[0] == MSE["lr"] and lrs[-1] < lrs[0]
 
 
+def test_step_budget_stops_training_mid_epoch(data):
+    train, val = data
+    n_batches = -(-len(train) // MSE["batch_size"])
+    res = train_mse(fresh(train), train, val, {**MSE, "max_steps": n_batches + 1}, seed=0, progress=False)
+    assert res.epochs == 2 and res.steps == n_batches + 1 and "max_steps" in res.stop_reason
+
+
 def test_time_budget_stops_training(data):
     train, val = data
     res = train_mse(fresh(train), train, val, {**MSE, "max_minutes": 1e-6}, seed=0, progress=False)
@@ -190,6 +198,7 @@ def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path,
         assert metrics[split]["energy_mae"] > 0 and metrics[split]["force_mae"] > 0
     assert metrics["test"]["n_frames"] == 12 and metrics["epochs"] == 3 and metrics["device"] == "cpu"
     assert metrics["n_params"] > 0
+    assert metrics["T_auto_K"] == metrics["T_conf_val_K"] > 0 and metrics["T_conf_train_K"] > 0
     rows = list(csv.DictReader((out / "mse_log.csv").open()))
     assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
     model, meta = load_checkpoint(out / "mse.pt")

@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 
 from crmse.data import Frames
 from crmse.langevin import Langevin, LangevinState, StabilityCheck
+from crmse.observables import SpuriousDetector
 from crmse.train import evaluate_errors, mse_loss, refit_energy_offset
 from crmse.units import beta as inverse_temperature
 from crmse.units import masses as atomic_masses
 
 SpuriousFn = Callable[[Tensor, Tensor], Tensor]
+SELECTION_RULES = ("fewest_chain_failures", "best_val_forces", "last")
 
 
 @dataclass
@@ -167,13 +169,16 @@ def train_crmse(
 ) -> CRMSEResult:
     """Run CRMSE post-training on ``model`` (modified in place; the selected weights are returned).
 
-    ``spurious(R (M, n, 3), E (M,)) -> bool (M,)`` flags chains in a spurious state (logging only).
-    Selection: ``best_val_forces`` = lowest validation force MAE among evaluations after
-    ``select_after``·iterations whose mean contrastive gap over the preceding window is within
-    ``max_gap`` kcal/mol (else the last evaluation); ``last`` = final weights.
+    ``spurious(R (M, n, 3), E (M,)) -> bool (M,)`` flags chains in a spurious state.
+    Selection, among evaluations after ``select_after``·iterations whose mean contrastive gap over
+    the preceding window is within ``max_gap`` kcal/mol (else the last evaluation):
+    ``best_val_forces`` = lowest validation force MAE; ``fewest_chain_failures`` = fewest chain
+    failures in the preceding window (chain-iterations spent in a spurious state + blow-ups: the
+    model's own sampler still finding holes), ties broken by validation force MAE; ``last`` = final
+    weights. None of them looks at test data.
     """
-    if cfg.selection not in ("best_val_forces", "last"):
-        raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: 'best_val_forces', 'last'")
+    if cfg.selection not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: {', '.join(map(repr, SELECTION_RULES))}")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
@@ -193,7 +198,7 @@ def train_crmse(
     log: list[dict[str, float]] = []
     val_log: list[dict[str, float]] = []
     pending: list[dict[str, Tensor]] = []
-    best: tuple[float, int, dict[str, Tensor]] | None = None
+    best: tuple[tuple[float, float], int, dict[str, Tensor]] | None = None
     start = time.perf_counter()
     bar = tqdm(range(1, cfg.iterations + 1), desc="CRMSE", unit="it", disable=not progress)
     for it in bar:
@@ -213,10 +218,13 @@ def train_crmse(
             "gap": (E_data.detach().mean() - chains.state.E[chains.state.alive].mean()),
             "e_data": E_data.detach().mean(),
             "e_chain": E_chain.detach().mean(),
+            "e_chain_min": E_chain.detach().min(),
             **stats,
         }
         if spurious is not None:
             row["n_spurious"] = spurious(chains.state.R, chains.state.E).sum()
+        if hasattr(spurious, "min_nonbonded_distance"):  # a SpuriousDetector: how close the closest pair gets
+            row["d_chain_min"] = spurious.min_nonbonded_distance(chains.state.R).min()
         pending.append(row)
 
         if it % cfg.eval_every == 0 or it == cfg.iterations:
@@ -232,26 +240,34 @@ def train_crmse(
             offset = refit_energy_offset(model, train)
             errors = evaluate_errors(model, val, batch_size=64)
             model.train()
+            blowups = float(sum(r["blowups"] for r in window))
+            spurious_its = float(sum(r.get("n_spurious", 0.0) for r in window))
             entry = {
                 "iteration": it,
                 "val_energy_mae": errors["energy_mae"],
                 "val_force_mae": errors["force_mae"],
                 "gap": gap,
                 "offset_refit": offset,
-                "blowups": float(sum(r["blowups"] for r in window)),
+                "blowups": blowups,
                 "n_spurious": float(window[-1].get("n_spurious", float("nan"))),
+                "chain_failures": blowups + spurious_its,
                 "wall_s": time.perf_counter() - start,
             }
             val_log.append(entry)
-            bar.set_postfix(gap=f"{gap:.2f}", fmae=f"{errors['force_mae']:.3f}", emae=f"{errors['energy_mae']:.3f}")
+            bar.set_postfix(gap=f"{gap:.2f}", fmae=f"{errors['force_mae']:.3f}", fail=f"{entry['chain_failures']:.0f}")
             eligible = it >= cfg.select_after * cfg.iterations and abs(gap) <= cfg.max_gap
-            if cfg.selection == "best_val_forces" and eligible and (best is None or errors["force_mae"] < best[0]):
-                best = (errors["force_mae"], it, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            score = (entry["chain_failures"] if cfg.selection == "fewest_chain_failures" else 0.0, errors["force_mae"])
+            if cfg.selection != "last" and eligible and (best is None or score < best[0]):
+                best = (score, it, {k: v.detach().clone() for k, v in model.state_dict().items()})
     bar.close()
 
     if best is not None:
+        what = {
+            "fewest_chain_failures": "fewest chain failures in the preceding window, then best validation force MAE",
+            "best_val_forces": "best validation force MAE",
+        }[cfg.selection]
         state, selected, note = best[2], best[1], (
-            f"best validation force MAE after {cfg.select_after:.0%} of the iterations with |gap| <= {cfg.max_gap}"
+            f"{what} after {cfg.select_after:.0%} of the iterations with |gap| <= {cfg.max_gap}"
         )
     else:
         state, selected = {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg.iterations
@@ -263,3 +279,20 @@ def train_crmse(
     refit_energy_offset(model, train)
     model.eval()
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
+
+
+def chain_monitors(train: Frames, val: Frames, ev: dict[str, Any]) -> tuple[StabilityCheck, SpuriousDetector]:
+    """Blow-up check and spurious-state detector of the chains, from the frames CRMSE may use (train + val).
+
+    Never the reference pool: the pool is what the samplers are judged against. Settings from the
+    ``evaluate`` params section (bond factor and tolerance, spurious margins), so chains and samples
+    use the same criteria; only the thresholds' source frames differ.
+    """
+    z = train.z
+    R = np.concatenate([train.R, val.R])
+    E = np.concatenate([np.reshape(train.E, -1), np.reshape(val.E, -1)])
+    stability = StabilityCheck.from_reference(z, R, ev["bond_tolerance"], ev["bond_factor"])
+    detector = SpuriousDetector.from_reference(
+        z, R, E, stability.bonds.numpy(), ev["spurious_energy_margin"], ev["spurious_distance_margin"]
+    )
+    return stability, detector

@@ -4,12 +4,12 @@ Inputs (below the repository root):
 
 * ``data/splits/<mol>/n<size>/s<seed>/{test,reference}.npz`` — test split and DFT reference pool;
 * ``models/<mol>/n<size>/s<seed>/{mse,crmse}.pt`` — checkpoints (``crmse.model.load_checkpoint``);
-* ``results/<mol>/n<size>/s<seed>/{mse,crmse}/samples.npz`` — the sample stage's trajectories, and
+* ``results/<mol>/n<size>/s<seed>/[T<K>/]{mse,crmse}/samples.npz`` — the sample stage's trajectories, and
   its ``sample.json`` beside it for the samples' configurational temperature (computed there with
   ``crmse.temperature``; the Laplacian costs 3n backward passes per frame, so it is not redone here
   unless sample.json lacks it).
 
-Outputs (``metrics/<mol>/n<size>/s<seed>/``):
+Outputs (``metrics/<mol>/n<size>/s<seed>/[T<K>/]``, the sub-folder for a temperature-ablation run):
 
 * ``metrics.json`` — flat numeric sections ``mse``, ``crmse``, ``reference``, ``noise_floor``;
 * ``plots/`` — CSV tables, one per curve and source: ``hr/<source>.csv`` (r_A, h),
@@ -52,6 +52,7 @@ from crmse.observables import (
     first_unstable_frame,
     kinetic_temperature,
     noise_floor,
+    replica_bootstrap,
     stability_summary,
     stable_fraction_curve,
     valid_mask,
@@ -200,6 +201,40 @@ def _write_distribution_plots(plots: Path, source: str, dist: Distributions, e_e
         )
 
 
+def sample_observables(
+    s: Samples,
+    bonds: BondReference,
+    detector: SpuriousDetector,
+    ref: Distributions,
+    torsions: Any,
+    ev: dict[str, Any],
+    temperature: float,
+) -> tuple[dict[str, Any], Distributions | None, np.ndarray, np.ndarray]:
+    """Stability, spurious-state occupancy, T_kin and distribution metrics of one model's samples.
+
+    Returns (metrics row, the samples' distributions or None when no frame is valid, first unstable
+    frame per replica (M,), valid-frame mask (T, M)). Only frames before instability count.
+    """
+    uf = first_unstable_frame(s.R, bonds, ev["bond_tolerance"], s.unstable_frame)
+    valid = valid_mask(uf, len(s.time_ps)) & np.isfinite(s.E) & np.isfinite(s.R).all((2, 3))
+    row: dict[str, Any] = dict(stability_summary(uf, s.time_ps))
+    row["n_replicas"] = int(s.R.shape[1])
+    row["n_valid_frames"] = int(valid.sum())
+    row.update(detector.summary(s.R, s.E, valid, s.time_ps))
+    row["T_set"] = s.temperature
+    row["T_kin"] = kinetic_temperature(s.T_kin, valid)
+    if valid.any():
+        sim = distributions(s.R[valid], s.E[valid], torsions, ev["dihedral_bins"], temperature)
+        row.update(compare(sim, ref))
+        row.update(replica_bootstrap(s.R, s.E, valid, ref, torsions, ev["dihedral_bins"], temperature,
+                                     ev["bootstrap_draws"]))
+    else:  # every replica failed before its first saved frame: nothing to compare (same keys, null)
+        sim = None
+        row.update(dict.fromkeys(compare(ref, ref)))
+        row.update(replica_bootstrap(s.R, s.E, valid, ref, torsions, ev["dihedral_bins"], temperature, 0))
+    return row, sim, uf, valid
+
+
 def evaluate_run(
     molecule: str,
     size: int,
@@ -208,8 +243,13 @@ def evaluate_run(
     root: str | Path = ".",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    variant: str = "",
 ) -> dict[str, Any]:
-    """Compute and write metrics.json and the plot tables of one (molecule, size, seed); return the metrics."""
+    """Compute and write metrics.json and the plot tables of one (molecule, size, seed); return the metrics.
+
+    ``variant`` (e.g. ``T500``, :func:`crmse.io.temperature_variant`) reads the samples of that
+    sub-folder of results/<run>/ and writes to the same sub-folder of metrics/<run>/.
+    """
     from crmse.model import load_checkpoint
 
     check_molecule(molecule)
@@ -217,8 +257,8 @@ def evaluate_run(
     root = Path(root)
     split = run_dir(root / "data/splits", molecule, size, seed)
     ckpts = {m: run_dir(root / "models", molecule, size, seed) / f"{m}.pt" for m in MODELS}
-    sample_files = {m: run_dir(root / "results", molecule, size, seed) / m / "samples.npz" for m in MODELS}
-    out = run_dir(root / "metrics", molecule, size, seed)
+    sample_files = {m: run_dir(root / "results", molecule, size, seed) / variant / m / "samples.npz" for m in MODELS}
+    out = run_dir(root / "metrics", molecule, size, seed) / variant
 
     # Fail early, naming every missing input at once.
     needed = [split / "test.npz", split / "reference.npz", *ckpts.values(), *sample_files.values()]
@@ -270,14 +310,8 @@ def evaluate_run(
             "test_energy_mae": float(np.abs(E_pred - test.E).mean()),
             "test_forces_mae": float(np.abs(F_pred - test.F).mean()),
         }
-        uf = first_unstable_frame(s.R, bonds, ev["bond_tolerance"], s.unstable_frame)
-        valid = valid_mask(uf, len(s.time_ps)) & np.isfinite(s.E) & np.isfinite(s.R).all((2, 3))
-        row.update(stability_summary(uf, s.time_ps))
-        row["n_replicas"] = int(s.R.shape[1])
-        row["n_valid_frames"] = int(valid.sum())
-        row.update(detector.summary(s.R, s.E, valid, s.time_ps))
-        row["T_set"] = s.temperature
-        row["T_kin"] = kinetic_temperature(s.T_kin, valid)
+        sampled, sim, uf, valid = sample_observables(s, bonds, detector, ref, torsions, ev, T_phi)
+        row.update(sampled)
         row["T_conf"], row["T_conf_frames"] = samples_conf_temperature(
             sample_files[m].parent / "sample.json", model, s.R[valid], ev, progress
         )
@@ -285,12 +319,7 @@ def evaluate_run(
         reference[f"T_conf_{m}_laplacian"] = conf_temperature(
             model, pool.R, pool.F, ev["conf_temperature_frames"], ev["batch_size"], progress
         )
-        if valid.any():
-            sim = distributions(s.R[valid], s.E[valid], torsions, bins, T_phi)
-            row.update(compare(sim, ref))
-        else:  # every replica failed before its first saved frame: nothing to compare (same keys, null)
-            sim = None
-            row.update(dict.fromkeys(compare(ref, ref)))
+        if sim is None:
             print(f"warning: [{m}] no valid frames; distribution metrics are undefined")
         results[m] = row
         curves[m] = {"dist": sim, "E_pred": E_pred, "F_pred": F_pred, "uf": uf, "time_ps": s.time_ps}

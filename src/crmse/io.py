@@ -75,3 +75,9 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def run_dir(root: str | os.PathLike, molecule: str, size: int, seed: int) -> Path:
     """Folder of one (molecule, training size, seed) run below ``root``."""
     return Path(root) / molecule / f"n{size}" / f"s{seed}"
+
+
+def temperature_variant(temperature: str | None) -> str:
+    """Sub-folder of a run sampled at an ablation temperature, ``T`` + the value as written in params.yaml
+    (``T500``; dvc.yaml builds the same name from the same text); "" for the main temperature."""
+    return "" if temperature is None else f"T{temperature}"

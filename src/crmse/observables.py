@@ -399,6 +399,69 @@ def compare(sim: Distributions, ref: Distributions) -> dict[str, float | None]:
     return out
 
 
+def replica_bootstrap(
+    R: np.ndarray,
+    E: np.ndarray,
+    valid: np.ndarray,
+    ref: Distributions,
+    torsions: Sequence[Torsion],
+    dihedral_bins: int,
+    temperature: float,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, float | None]:
+    """Sampling uncertainty of the :func:`compare` metrics: standard deviation over replica bootstraps.
+
+    Replicas, not frames, are the independent units (frames of one trajectory are correlated): each
+    draw resamples the M replicas of R (T, M, n, 3), E (T, M) with replacement, keeping each one's
+    ``valid`` (T, M) frames, and recomputes the metrics against the fixed reference ``ref``. Per-replica
+    histograms are built once, so a draw costs a weighted sum. Returns ``<metric>_boot_sd`` for energy
+    W1 and mean shift, h(r) MAE and each torsion's F(φ) RMSE (None when undefined: fewer than two
+    replicas with valid frames, fewer than two draws, or undefined in most draws).
+    """
+    names = ["energy_w1", "energy_mean_shift", "hr_mae", *(f"dihedral_{t.name}_rmse" for t in torsions)]
+    R, E, valid = np.asarray(R), np.asarray(E, dtype=float), np.asarray(valid, dtype=bool)
+    M = R.shape[1]
+    keep = [m for m in range(M) if valid[:, m].any()]
+    if len(keep) < 2 or n_boot < 2:
+        return {f"{k}_boot_sd": None for k in names}
+    iu, ju = np.triu_indices(R.shape[2], 1)
+    hr_counts, phi_counts, energies = [], {t.name: [] for t in torsions}, []
+    edges_phi = dihedral_edges(dihedral_bins)
+    for m in keep:
+        Rm = R[valid[:, m], m]
+        d = np.linalg.norm(Rm[:, ju] - Rm[:, iu], axis=-1)
+        hr_counts.append(np.histogram(d, HR_EDGES)[0])
+        for t in torsions:
+            phi_counts[t.name].append(np.histogram(torsion_angles(Rm, t), edges_phi)[0])
+        energies.append(E[valid[:, m], m])
+    hr_counts_a = np.asarray(hr_counts, dtype=float)
+    lengths = np.array([len(e) for e in energies])
+    E_all = np.concatenate(energies)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(n_boot):
+        w = np.bincount(rng.integers(0, len(keep), len(keep)), minlength=len(keep)).astype(float)
+        fw = np.repeat(w, lengths)  # per-frame weights
+        draws["energy_w1"].append(float(wasserstein_distance(E_all, ref.energies, u_weights=fw)))
+        draws["energy_mean_shift"].append(float(np.average(E_all, weights=fw) - ref.energies.mean()))
+        counts = w @ hr_counts_a
+        draws["hr_mae"].append(hr_mae(counts / (counts.sum() * np.diff(HR_EDGES)), ref.hr))
+        for t in torsions:
+            c = w @ np.asarray(phi_counts[t.name], dtype=float)
+            with np.errstate(divide="ignore"):
+                F = -KB * temperature * np.log(c / c.sum())
+            F[c == 0] = np.nan
+            rmse = dihedral_metrics(F - np.nanmin(F), ref.free_energy[t.name])["rmse"]
+            draws[f"dihedral_{t.name}_rmse"].append(np.nan if rmse is None else rmse)
+    out: dict[str, float | None] = {}
+    for key, vals in draws.items():
+        v = np.asarray(vals, dtype=float)
+        v = v[np.isfinite(v)]
+        out[f"{key}_boot_sd"] = float(v.std(ddof=1)) if len(v) > n_boot // 2 else None
+    return out
+
+
 def contiguous_halves(md17_index: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of two halves of a pool: ``n_blocks`` contiguous blocks in MD17 frame order, alternately assigned.
 

@@ -23,7 +23,7 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # int | float | str | bool | temperature | list[int] | list[str]
+    kind: str  # int | float | str | bool | temperature | list[int] | list[str] | list0[float] (may be empty)
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] | None = None
@@ -89,6 +89,7 @@ SCHEMA: dict[str, Any] = {
         "lr_patience": Field("int", 1),
         "min_lr": _pos(),
         "max_epochs": Field("int", 1),
+        "max_steps": Field("int", 1),
         "max_minutes": _pos(),
         "early_stopping_patience": Field("int", 1),
         "grad_clip": _pos(),
@@ -109,11 +110,12 @@ SCHEMA: dict[str, Any] = {
         "eval_every": Field("int", 1),
         "grad_clip": _pos(),
         "max_gap": _pos(),
-        "selection": Field("str", choices=("best_val_forces", "last")),
+        "selection": Field("str", choices=("fewest_chain_failures", "best_val_forces", "last")),
         "select_after": _prob(),
     },
     "md": {
         "temperature": TEMPERATURE,
+        "ablation_temperatures": Field("list0[float]", 0, 100000, lo_open=True),
         "dt": _pos(),
         "friction": _nonneg("float"),
         "n_replicas": Field("int", 1),
@@ -133,6 +135,7 @@ SCHEMA: dict[str, Any] = {
         "energy_bins": Field("int", 2),
         "dihedral_bins": Field("int", 4),
         "noise_blocks": Field("int", 2),
+        "bootstrap_draws": _nonneg(),
         "conf_temperature_frames": Field("int", 1),
         "batch_size": Field("int", 1),
     },
@@ -160,10 +163,10 @@ def _check(key: str, value: Any, field: Field) -> Any:
         return ParamsError(f"params: {key} = {value!r} is invalid{why}; allowed: {field.describe()}")
 
     kind = field.kind
-    if kind.startswith("list["):
-        inner = Field(kind[5:-1], field.lo, field.hi, field.choices, field.lo_open)
-        if not isinstance(value, list) or not value:
-            raise fail("expected a non-empty list")
+    if kind.startswith("list[") or kind.startswith("list0["):
+        inner = Field(kind[kind.index("[") + 1 : -1], field.lo, field.hi, field.choices, field.lo_open)
+        if not isinstance(value, list) or (not value and kind.startswith("list[")):
+            raise fail("expected a non-empty list" if kind.startswith("list[") else "expected a list")
         if len(set(map(str, value))) != len(value):
             raise fail("duplicate entries")
         return [_check(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
@@ -193,8 +196,8 @@ def _check(key: str, value: Any, field: Field) -> Any:
     return float(value) if kind in ("float", "temperature") else value
 
 
-def validate(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
-    """Return a validated copy of ``params``; raise :class:`ParamsError` on the first problem."""
+def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, prefix: str = "") -> dict[str, Any]:
+    """A validated copy of ``params`` against ``schema`` (no ``per_molecule``)."""
     if not isinstance(params, dict):
         raise ParamsError(f"params: {prefix or 'top level'} must be a mapping, got {type(params).__name__}")
     unknown = sorted(set(params) - set(schema))
@@ -206,7 +209,7 @@ def validate(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, prefix: st
         if name not in params:
             raise ParamsError(f"params: missing key {key}")
         if isinstance(spec, dict):
-            out[name] = validate(params[name], spec, key + ".")
+            out[name] = _validate_sections(params[name], spec, key + ".")
         else:
             out[name] = _check(key, params[name], spec)
     return out
@@ -224,8 +227,60 @@ def check_sizes(params: dict[str, Any], n_frames: dict[str, int]) -> None:
                 )
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    """Read and validate params.yaml (raises :class:`ParamsError` naming the key)."""
+#: Top-level keys a per-molecule override cannot change (they define the pipeline's branches).
+PER_RUN_EXCLUDED = ("molecules", "train_sizes", "seeds")
+
+
+def _check_override(override: Any, schema: dict[str, Any], prefix: str) -> None:
+    """Every key of an override must exist in the schema (values are checked after merging)."""
+    if not isinstance(override, dict):
+        raise ParamsError(f"params: {prefix.rstrip('.')} must be a mapping, got {type(override).__name__}")
+    for key, value in override.items():
+        if key not in schema:
+            raise ParamsError(f"params: unknown key {prefix}{key}; known keys here: {', '.join(schema)}")
+        if isinstance(schema[key], dict):
+            _check_override(value, schema[key], f"{prefix}{key}.")
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    """Return a validated copy of ``params`` (all sections, and each ``per_molecule`` override merged for
+    its molecule); raise :class:`ParamsError` on the first problem."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"params: top level must be a mapping, got {type(params).__name__}")
+    overrides = params.get("per_molecule") or {}
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"params: per_molecule must be a mapping of molecule -> overrides, got {overrides!r}")
+    base = {k: v for k, v in params.items() if k != "per_molecule"}
+    out = _validate_sections(base)
+    for mol, override in overrides.items():
+        if mol not in ATOMIC_NUMBERS:
+            raise ParamsError(f"params: per_molecule.{mol}: unknown molecule; allowed: {', '.join(ATOMIC_NUMBERS)}")
+        override = override or {}
+        _check_override(override, SCHEMA, f"per_molecule.{mol}.")
+        fixed = sorted(set(override) & set(PER_RUN_EXCLUDED))
+        if fixed:
+            raise ParamsError(f"params: per_molecule.{mol}.{fixed[0]} cannot be set per molecule")
+        _validate_sections(deep_merge(base, override))
+    missing = [mol for mol in out["molecules"] if mol not in overrides]
+    if missing:
+        # dvc.yaml declares per_molecule.<molecule> as a parameter of every per-run stage.
+        raise ParamsError(f"params: per_molecule has no entry for {missing[0]} (add `{missing[0]}: {{}}` for none)")
+    out["per_molecule"] = {mol: dict(o or {}) for mol, o in overrides.items()}
+    return out
+
+
+def for_molecule(params: dict[str, Any], molecule: str) -> dict[str, Any]:
+    """The parameters of one molecule's stages: ``per_molecule[molecule]`` merged over the sections."""
+    override = params.get("per_molecule", {}).get(molecule, {})
+    merged = deep_merge({k: v for k, v in params.items() if k != "per_molecule"}, override)
+    return {**_validate_sections(merged), "per_molecule": params.get("per_molecule", {})}
+
+
+def load_params(path: str | os.PathLike = "params.yaml", molecule: str | None = None) -> dict[str, Any]:
+    """Read and validate params.yaml (raises :class:`ParamsError` naming the key).
+
+    With ``molecule``, that molecule's ``per_molecule`` overrides are merged in (see :func:`for_molecule`).
+    """
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params: {path} not found (run from the repository root)")
@@ -233,7 +288,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"params: {path} is not valid YAML: {exc}") from exc
-    return validate(raw)
+    params = validate(raw)
+    return for_molecule(params, molecule) if molecule is not None else params
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

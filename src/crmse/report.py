@@ -236,6 +236,7 @@ class RunData:
     params: dict[str, Any]
     audit: dict[str, Any] | None
     audit_frames: pd.DataFrame | None
+    variant: str = ""  # temperature-ablation sub-folder (T<K>) of results/ and metrics/, "" = main run
     _tables: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
     _occupancy: dict[str, ReplicaOccupancy] | None = field(default=None, repr=False)
     _detector: Detector | None = field(default=None, repr=False)
@@ -246,13 +247,19 @@ class RunData:
 
     @property
     def title(self) -> str:
-        return f"{self.molecule}, n_train = {self.size}, seed {self.seed}"
+        at = f", sampled at {self.variant[1:]} K (temperature ablation)" if self.variant else ""
+        return f"{self.molecule}, n_train = {self.size}, seed {self.seed}{at}"
+
+    @property
+    def sampled(self) -> Path:
+        """This run's folder below results/ and metrics/ (the ablation sub-folder for a variant)."""
+        return self.rel / self.variant
 
     def table(self, kind: str, name: str) -> pd.DataFrame | None:
         """A plot table ``metrics/<run>/plots/<kind>/<name>.csv`` (None if absent: e.g. no valid frames)."""
         key = f"{kind}/{name}"
         if key not in self._tables:
-            path = self.root / "metrics" / self.rel / "plots" / kind / f"{name}.csv"
+            path = self.root / "metrics" / self.sampled / "plots" / kind / f"{name}.csv"
             self._tables[key] = pd.read_csv(path) if path.exists() else None
         return self._tables[key]
 
@@ -280,7 +287,7 @@ class RunData:
         if self._occupancy is None:
             self._occupancy = {
                 m: replica_occupancy(
-                    self.root / "results" / self.rel / m / "samples.npz",
+                    self.root / "results" / self.sampled / m / "samples.npz",
                     self.detector(),
                     self.params["evaluate"]["bond_tolerance"],
                 )
@@ -296,15 +303,18 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return df
 
 
-def load_run(root: str | os.PathLike, molecule: str, size: int, seed: int) -> RunData:
-    """Load one run's inputs; raise :class:`ReportError` naming every missing required file."""
+def load_run(root: str | os.PathLike, molecule: str, size: int, seed: int, variant: str = "") -> RunData:
+    """Load one run's inputs; raise :class:`ReportError` naming every missing required file.
+
+    ``variant`` (``T<K>``): the temperature-ablation samples and metrics of the run (same models).
+    """
     from crmse.params import load_params
 
     root = Path(root)
     if molecule not in TORSIONS:
         raise ReportError(f"unknown molecule {molecule!r}; known: {', '.join(sorted(TORSIONS))}")
     rel = run_dir("", molecule, size, seed)
-    met, mod, res = root / "metrics" / rel, root / "models" / rel, root / "results" / rel
+    met, mod, res = root / "metrics" / rel / variant, root / "models" / rel, root / "results" / rel / variant
     required = [
         met / "metrics.json",
         met / "plots",
@@ -345,9 +355,10 @@ def load_run(root: str | os.PathLike, molecule: str, size: int, seed: int) -> Ru
         crmse_log=_read_csv(mod / "crmse_log.csv"),
         crmse_val=_read_csv(mod / "crmse_val.csv"),
         sample_info={m: read_json(res / m / "sample.json") for m in MODELS},
-        params=load_params(root / "params.yaml"),
+        params=load_params(root / "params.yaml", molecule=molecule),
         audit=audit,
         audit_frames=audit_frames,
+        variant=variant,
     )
 
 
@@ -491,14 +502,14 @@ def temperature_sentence(run: RunData) -> str:
     T = {mm: _num(run.metrics[mm].get("T_set")) for mm in MODELS}
     setting = run.sample_info["mse"].get("temperature_setting")
     ref = _num(run.metrics["reference"].get("T_conf_mse_laplacian"))
-    train = _num(run.mse_metrics.get("T_conf_train_K"))
+    auto = _num(run.mse_metrics.get("T_auto_K"))
     Ts = T["mse"]
     if Ts is None:
         return "The set temperature of the samples is unknown."
     same = T["crmse"] is not None and abs(T["crmse"] - Ts) < 1e-6
     who = "both samplers" if same else f"the MSE sampler (CRMSE: {fmt(T['crmse'], 0)} K)"
     how = (
-        f"set automatically to the configurational temperature of the training frames ({fmt(train, 0)} K)"
+        f"set automatically to the configurational temperature of the validation frames ({fmt(auto, 0)} K)"
         if setting == "auto" else "a fixed set temperature"
     )
     ref_txt = f"the reference pool's configurational temperature is {fmt(ref, 0)} K" if ref else (
@@ -530,8 +541,12 @@ def metrics_table(run: RunData) -> pd.DataFrame:
     M_m, M_c = run.n_replicas("mse"), run.n_replicas("crmse")
     rows: list[tuple[str, str, str, str]] = []
 
+    def value(sec: dict[str, Any], key: str, digits: int) -> str:
+        sd = _num(sec.get(f"{key}_boot_sd"))  # sampling uncertainty: replica bootstrap (evaluate stage)
+        return fmt(sec.get(key), digits) + (f" ± {fmt(sd, digits)}" if sd is not None else "")
+
     def add(label: str, key: str, floor: str, digits: int = 3, unit: str = "") -> None:
-        rows.append((f"{label}" + (f" ({unit})" if unit else ""), fmt(m.get(key), digits), fmt(c.get(key), digits),
+        rows.append((f"{label}" + (f" ({unit})" if unit else ""), value(m, key, digits), value(c, key, digits),
                      floor))
 
     def frac(label: str, key: str, floor: str) -> None:
@@ -613,12 +628,13 @@ def _legend(ax: Any, **kw: Any) -> None:
 
 
 def fig_temperatures(run: RunData) -> Figure:
-    """Dot plot: T_conf of the reference pool and training frames, T_kin and T_conf of each run, T_set."""
+    """Dot plot: T_conf of the reference pool, training and validation frames, T_kin and T_conf of each run, T_set."""
     ref, mm = run.metrics["reference"], run.metrics
     items = [
         ("DFT reference pool: T_conf (MSE Laplacian)", ref.get("T_conf_mse_laplacian"), "reference"),
         ("DFT reference pool: T_conf (CRMSE Laplacian)", ref.get("T_conf_crmse_laplacian"), "reference"),
         ("training frames: T_conf (MSE Laplacian)", run.mse_metrics.get("T_conf_train_K"), "reference"),
+        ("validation frames: T_conf (MSE Laplacian)", run.mse_metrics.get("T_conf_val_K"), "reference"),
     ]
     for m in MODELS:
         items.append((f"{LABELS[m]} samples: T_kin", mm[m].get("T_kin"), m))
@@ -1191,16 +1207,16 @@ def discover_runs(root: str | os.PathLike, declared: Mapping[str, Any] | None = 
     return sorted(runs, key=lambda k: (k.molecule, k.variant, k.size, k.seed))
 
 
-AUTO_GROUP = "auto T (T_conf of train)"
+AUTO_GROUP = "auto T (T_conf of val)"
 
 
 def temperature_group(root: Path, key: RunKey, metrics: Mapping[str, Any]) -> str:
-    """:data:`AUTO_GROUP` when the samples ran at the training frames' T_conf, else 'T = <T_set> K'."""
+    """:data:`AUTO_GROUP` when the samples ran at the validation frames' T_conf, else 'T = <T_set> K'."""
     T = _num(metrics.get("mse", {}).get("T_set"))
     mm = root / "models" / key.rel / "mse_metrics.json"
     if not key.variant and T is not None and mm.exists():
-        t_train = _num(read_json(mm).get("T_conf_train_K"))
-        if t_train is not None and abs(t_train - T) < 1e-3:
+        t_auto = _num(read_json(mm).get("T_auto_K"))
+        if t_auto is not None and abs(t_auto - T) < 1e-3:
             return AUTO_GROUP
     return f"T = {T:.0f} K" if T is not None else "T unknown"
 
@@ -1215,9 +1231,7 @@ def collect_runs(root: str | os.PathLike, runs: Sequence[RunKey]) -> pd.DataFram
     rows = []
     for key in runs:
         met = read_json(root / "metrics" / key.rel / "metrics.json")
-        group = temperature_group(root, key, met)
-        if key.variant:
-            group = f"{key.variant}, {group}"
+        group = temperature_group(root, key, met)  # a temperature-ablation variant is told apart by its T_set
         base = {"molecule": key.molecule, "size": key.size, "seed": key.seed, "variant": key.variant,
                 "group": group, "rel": key.rel, "report": key.report_html,
                 "T_conf_reference": _num(met.get("reference", {}).get("T_conf_mse_laplacian"))}
@@ -1269,6 +1283,26 @@ def _agg(values: pd.Series) -> tuple[float, float]:
     if not len(v):
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per molecule, sampling group and training size: each headline metric as MSE → CRMSE, mean ± standard
+    deviation over seeds (the number of seeds in its own column), with the seed-mean noise floor."""
+    out = []
+    for (mol, group, size), d in df.groupby(["molecule", "group", "size"], sort=True):
+        row: dict[str, Any] = {"molecule": mol, "sampling": group, "n_train": int(size), "seeds": d["seed"].nunique()}
+        for key, label, _unit, floor_kind in sweep_metrics(d, mol):
+            cells = []
+            for src in MODELS:
+                mu, sd = _agg(d.loc[d["source"] == src, key])
+                digits = 2 if abs(mu) >= 10 or "fraction" in key else 3
+                cells.append(fmt(mu, digits) + (f" ± {fmt(sd, digits)}" if row["seeds"] > 1 else ""))
+            cell = " → ".join(cells)
+            if floor_kind == "floor":
+                cell += f" ({fmt(_agg(d.loc[d['source'] == 'floor', key])[0], 3)})"
+            row[label] = cell
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def fig_sweep(df: pd.DataFrame, molecule: str) -> Figure | None:

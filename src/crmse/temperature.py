@@ -115,18 +115,18 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_temperature(
-    value: float | str, model: Any, train: Any, batch_size: int = 64, progress: bool = False
+    value: float | str, model: Any, frames: Any, batch_size: int = 64, progress: bool = False
 ) -> float:
-    """Temperature in K: a number as is, or ``"auto"`` = T_conf of the training frames.
+    """Temperature in K: a number as is, or ``"auto"`` = T_conf of ``frames`` (e.g. the validation split).
 
-    ``auto`` = ⟨|F_DFT|²⟩ / (k_B ⟨∇²E_θ⟩) over ``train`` (a :class:`crmse.data.Frames`), the
+    ``auto`` = ⟨|F_DFT|²⟩ / (k_B ⟨∇²E_θ⟩) over ``frames`` (a :class:`crmse.data.Frames`), the
     Laplacian from ``model.energy`` (DESIGN.md §3: ≈ 645 K for MD17 ethanol, not the nominal 500 K).
     """
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"temperature must be a number of K or 'auto', got {value!r}")
         device, dtype = _model_device_dtype(model)
-        return frames_temperature(_model_energy_fn(model), train.R, train.F, batch_size, device, dtype, progress)
+        return frames_temperature(_model_energy_fn(model), frames.R, frames.F, batch_size, device, dtype, progress)
     if isinstance(value, bool) or not isinstance(value, int | float) or not (np.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a positive number of K or 'auto', got {value!r}")
     return float(value)

@@ -2,8 +2,9 @@
 
 L = ρ_E · mean((E − Ê)²) + ρ_F · mean((F − F̂)²) over frames and force components,
 E in kcal/mol, F in kcal/mol/Å. Adam, learning-rate decay on a validation plateau,
-early stopping, a wall-clock budget, gradient clipping; the best validation model is
-kept. The constant energy offset, which a force-dominated loss fits poorly, is re-centred
+early stopping, a budget of optimiser steps (``max_steps``, so that the same seed gives the
+same model on any machine) with a wall-clock cap as a safety net, gradient clipping; the best
+validation model is kept. The constant energy offset, which a force-dominated loss fits poorly, is re-centred
 in closed form on the training residuals after every epoch and refitted exactly on the
 training split at the end (forces are unaffected). A non-finite loss stops training with
 :class:`TrainingError` (nothing is saved).
@@ -139,6 +140,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     epochs: int = 0
+    steps: int = 0
     stop_reason: str = ""
     wall_s: float = 0.0
     frames_per_s: float = 0.0  # training steps only (no validation), over all epochs
@@ -179,18 +181,19 @@ def train_mse(
         opt, mode="min", factor=float(mse["lr_factor"]), patience=int(mse["lr_patience"]), min_lr=float(mse["min_lr"])
     )
     budget_s = 60.0 * float(mse["max_minutes"])
+    max_steps = int(mse["max_steps"])
     n_batches = math.ceil(len(train) / bs)
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
     best_mean = model.mean
     t0 = time.perf_counter()
-    train_time, frames_seen = 0.0, 0
+    train_time, frames_seen, steps = 0.0, 0, 0
     bar = tqdm(range(1, int(mse["max_epochs"]) + 1), desc="mse", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(train), generator=shuffle).to(dev)
         loss_sum, resid_sum, seen = 0.0, 0.0, 0
-        out_of_time = False
+        out_of_time = out_of_steps = False
         te = time.perf_counter()
         for b in range(n_batches):
             idx = perm[b * bs : (b + 1) * bs]
@@ -209,6 +212,10 @@ def train_mse(
             opt.step()
             loss_sum += value * len(idx)
             seen += len(idx)
+            steps += 1
+            if steps >= max_steps:
+                out_of_steps = True
+                break
             if time.perf_counter() - t0 > budget_s:
                 out_of_time = True
                 break
@@ -234,15 +241,19 @@ def train_mse(
             "wall_s": time.perf_counter() - t0,
         }
         result.history.append(row)
-        result.epochs = epoch
+        result.epochs, result.steps = epoch, steps
         if val_loss < result.best_val_loss:
             result.best_val_loss, result.best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_mean = model.mean
         sched.step(val_loss)
         bar.set_postfix(loss=f"{row['train_loss']:.3g}", val_F_mae=f"{err['force_mae']:.3f}", lr=f"{row['lr']:.1e}")
+        if out_of_steps:
+            result.stop_reason = f"max_steps {max_steps} reached"
+            break
         if out_of_time:
-            result.stop_reason = f"time budget of {mse['max_minutes']} min reached"
+            # Timing-dependent: the number of steps, hence the model, now depends on the machine's speed.
+            result.stop_reason = f"time budget of {mse['max_minutes']} min reached (after {steps} steps)"
             break
         if epoch - result.best_epoch >= int(mse["early_stopping_patience"]):
             patience = mse["early_stopping_patience"]
@@ -301,9 +312,12 @@ def pretrain(
     model = build_model(sets["train"].z, params["model"], sets["train"]).to(device)
     result = train_mse(model, sets["train"], sets["val"], params["mse"], seed, progress)
     errors = {name: evaluate_errors(model, sets[name], progress=progress) for name in ("val", "test")}
-    # md.temperature / crmse.temperature = auto: T_conf of the training frames (DFT forces,
-    # this model's Laplacian), computed once here so both models of a run share one temperature.
-    t_conf = resolve_temperature("auto", model, sets["train"])
+    # md.temperature / crmse.temperature = auto: T_conf of the validation frames (DFT forces, this
+    # model's Laplacian), computed once here so both models of a run share one temperature. Not the
+    # training frames: the Laplacian is biased where the model was fitted (ethanol n200: 676 K on the
+    # training frames, 641 K on the reference pool).
+    t_train = resolve_temperature("auto", model, sets["train"])
+    t_val = resolve_temperature("auto", model, sets["val"])
     metrics = {
         "molecule": molecule,
         "n_train": len(sets["train"]),
@@ -311,6 +325,7 @@ def pretrain(
         "val": errors["val"],
         "test": errors["test"],
         "epochs": result.epochs,
+        "steps": result.steps,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "energy_offset_shift": result.energy_offset_shift,
@@ -320,7 +335,9 @@ def pretrain(
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "n_params": model.n_parameters(),
-        "T_conf_train_K": t_conf,
+        "T_conf_train_K": t_train,
+        "T_conf_val_K": t_val,
+        "T_auto_K": t_val,
         "model": params["model"],
     }
     out = run_dir(models_root, molecule, size, seed)

@@ -1,0 +1,193 @@
+"""CRMSE on the real data, several seeds and ablations (issue 7): does it empty the spurious states?
+
+For each seed the pipeline's split and MSE checkpoint are used as they are (run
+``dvc repro pretrain@<molecule>-<size>-<seed>`` first). The MSE model is sampled once; every
+variant is CRMSE started from the same MSE weights with params.yaml's ``crmse`` section plus the
+variant's overrides, then sampled with identical settings (same seed: same start frames, same
+thermostat noise). Observables are the evaluate stage's (``crmse.evaluate.sample_observables``)
+against the reference pool. Results go to ``benchmarks/out/crmse_study_<mol>_n<size>.json``, one
+entry per (seed, variant), written after each entry; finished entries are skipped on a rerun.
+
+    python benchmarks/crmse_study.py ethanol 200 --seeds 0 1 2 --variants default lam0 T500 short
+    python benchmarks/crmse_study.py ethanol 200 --seeds 0 --variant lam0.3:lam=0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from crmse.contrastive import CRMSEConfig, chain_monitors, train_crmse
+from crmse.data import load_frames
+from crmse.evaluate import load_samples, sample_observables
+from crmse.io import read_json, run_dir, write_json
+from crmse.model import load_checkpoint, resolve_device, save_checkpoint
+from crmse.molecules import TORSIONS
+from crmse.observables import BondReference, SpuriousDetector, distributions
+from crmse.pairlist import VerletPotential
+from crmse.params import load_params
+from crmse.sampling import SampleSettings, run_sampling
+from crmse.train import evaluate_errors
+
+# name -> overrides of params.yaml's crmse section
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lam0": {"lam": 0.0},  # the same run with the contrastive term off: MSE fine-tuning control
+    "T500": {"temperature": 500.0},  # chains at the nominal MD17 temperature instead of auto
+    "short": {"p_reset": 0.02, "steps_per_iter": 10},  # short-lived chains: mean life 250 fs (DESIGN.md §3)
+    "lam0.3": {"lam": 0.3},
+}
+KEEP = (
+    "stable_fraction", "median_time_to_instability_ps", "spurious_replica_fraction", "spurious_frame_fraction",
+    "spurious_energy_replica_fraction", "spurious_distance_replica_fraction", "spurious_first_entry_median_ps",
+    "lowest_energy_rel_dft_min", "min_nonbonded_distance", "T_kin", "energy_w1", "energy_mean_shift", "hr_mae",
+)
+
+
+def _value(text: str) -> Any:
+    """A number if it reads as one (YAML alone reads 3e-4 as a string), else YAML (auto, true, ...)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``name`` (a predefined variant) or ``name:key=value,key=value``."""
+    if ":" not in text:
+        if text not in VARIANTS:
+            raise SystemExit(f"unknown variant {text!r}; predefined: {sorted(VARIANTS)} (or name:key=value,...)")
+        return text, VARIANTS[text]
+    name, spec = text.split(":", 1)
+    over = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=", 1)
+        over[key.strip()] = _value(value.strip())
+    return name, over
+
+
+def summarize(s_dir: Path, bonds: BondReference, detector: SpuriousDetector, ref: Any, mol: str,
+              ev: dict[str, Any]) -> dict[str, Any]:
+    s = load_samples(s_dir / "samples.npz")
+    row, _, _, _ = sample_observables(s, bonds, detector, ref, TORSIONS[mol], ev, s.temperature)
+    out = {k: row.get(k) for k in KEEP}
+    out["n_replicas"] = row["n_replicas"]
+    out["n_spurious_replicas"] = round(row["spurious_replica_fraction"] * row["n_replicas"])
+    out["n_stable_replicas"] = round(row["stable_fraction"] * row["n_replicas"])
+    out["dihedral_rmse"] = {k[len("dihedral_rmse_"):]: v for k, v in row.items() if k.startswith("dihedral_rmse_")}
+    info = read_json(s_dir / "sample.json")
+    out["sample_wall_s"] = info["throughput"]["wall_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("molecule")
+    ap.add_argument("size", type=int)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variants", nargs="+", default=["default"], help="predefined names or name:key=value,...")
+    ap.add_argument("--replicas", type=int, default=64)
+    ap.add_argument("--production-ps", type=float, default=10.0)
+    ap.add_argument("--temperature", default="auto", help="sampling temperature: K or auto (T_conf of val)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    params = load_params(molecule=args.molecule)
+    ev = params["evaluate"]
+    device = resolve_device(params["device"])
+    out_path = args.out or Path(f"benchmarks/out/crmse_study_{args.molecule}_n{args.size}.json")
+    scratch = out_path.parent / "scratch" / out_path.stem
+    record = read_json(out_path) if out_path.exists() else {"runs": []}
+    record["machine"] = f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    done = {(r["seed"], r["variant"]) for r in record["runs"]}
+    variants = [parse_variant(v) for v in args.variants]
+
+    for seed in args.seeds:
+        split = run_dir("data/splits", args.molecule, args.size, seed)
+        models = run_dir("models", args.molecule, args.size, seed)
+        train, val, test, pool = (
+            load_frames(split / f"{n}.npz", args.molecule, params["data"]["variant"])
+            for n in ("train", "val", "test", "reference")
+        )
+        mse_metrics = read_json(models / "mse_metrics.json")
+        T = mse_metrics["T_auto_K"] if args.temperature == "auto" else float(args.temperature)
+        bonds = BondReference.from_frames(pool.z, pool.R, ev["bond_factor"])
+        detector = SpuriousDetector.from_reference(
+            pool.z, pool.R, pool.E, bonds.bonds, ev["spurious_energy_margin"], ev["spurious_distance_margin"]
+        )
+        ref = distributions(pool.R, pool.E, TORSIONS[args.molecule], ev["dihedral_bins"], T)
+        md = dict(params["md"], n_replicas=args.replicas, production_ps=args.production_ps)
+        settings = SampleSettings.from_params({"md": md, "evaluate": ev}, T, seed)
+        mse_model, _ = load_checkpoint(models / "mse.pt", device=device)
+
+        for name, over in [("mse", None), *variants]:
+            if (seed, name) in done:
+                continue
+            t0 = time.perf_counter()
+            model = copy.deepcopy(mse_model)
+            entry: dict[str, Any] = {"seed": seed, "variant": name, "overrides": over, "T_sample_K": T,
+                                     "n_train": len(train), "date": time.strftime("%Y-%m-%d %H:%M")}
+            if over is not None:
+                section = {**params["crmse"], **over}
+                t_chain = section["temperature"]
+                t_chain = mse_metrics["T_auto_K"] if t_chain == "auto" else float(t_chain)
+                cfg = CRMSEConfig.from_params(section, t_chain, seed)
+                stability, chain_detector = chain_monitors(train, val, ev)
+                print(f"== {args.molecule} n{args.size} s{seed} {name}: {over} (T_chain {t_chain:.0f} K)")
+                res = train_crmse(model, train, val, cfg, stability, chain_detector, device=device)
+                entry.update(
+                    T_chain_K=t_chain, crmse_wall_s=res.wall_s, selected_iteration=res.selected_iteration,
+                    selection=res.selection_note, chain_blowups=int(sum(r["blowups"] for r in res.log)),
+                    final_gap=res.val_log[-1]["gap"], chains_spurious_last=res.val_log[-1]["n_spurious"],
+                    val_log=res.val_log,
+                )
+            model.eval()
+            s_dir = scratch / f"s{seed}_{name}"
+            if over is not None:  # kept for inspection (same format as the pipeline's checkpoints)
+                save_checkpoint(model, s_dir / "crmse.pt", {"study_variant": name, "overrides": over})
+            err = evaluate_errors(model, test)
+            entry.update(test_energy_mae=err["energy_mae"], test_force_mae=err["force_mae"])
+            run_sampling(VerletPotential(model, skin=params["md"]["skin"]), pool.z, pool.R, settings, s_dir,
+                         device=device, dtype=model.dtype, meta={"label": f"s{seed} {name}"})
+            entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev))
+            entry["total_wall_s"] = time.perf_counter() - t0
+            record["runs"].append(entry)
+            write_json(out_path, record)
+            print(
+                f"-> {name} s{seed}: spurious {entry['n_spurious_replicas']}/{entry['n_replicas']}, lowest E - DFT min "
+                f"{entry['lowest_energy_rel_dft_min']:.1f}, stable {entry['n_stable_replicas']}, test E/F MAE "
+                f"{entry['test_energy_mae']:.3f}/{entry['test_force_mae']:.3f}, W1 {entry['energy_w1']:.2f}, "
+                f"h(r) {entry['hr_mae']:.3f}, {entry['total_wall_s']:.0f} s"
+            )
+    print_table(record)
+
+
+def print_table(record: dict[str, Any]) -> None:
+    """Markdown table of every run in the record."""
+    cols = ("seed", "variant", "n_spurious_replicas", "lowest_energy_rel_dft_min", "n_stable_replicas",
+            "test_energy_mae", "test_force_mae", "energy_w1", "energy_mean_shift", "hr_mae", "crmse_wall_s")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in sorted(record["runs"], key=lambda r: (r["variant"] != "mse", r["variant"], r["seed"])):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.3g}" if isinstance(v, float) else ("—" if v is None else str(v)))
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
