@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 SPK_DEPS := "numpy>=2,<2.5" "sympy>=1.13" ase h5py pyyaml "hydra-core>=1.1" "pytorch_lightning>=2" \
 	torchmetrics hydra-colorlog rich fasteners dirsync torch-ema "matscipy>=1.1" tqdm progressbar petname vesin
 
-.PHONY: install repro test lint preset bench clean-venv
+.PHONY: install repro repro-paper test lint preset bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ lint: $(STAMP)
 # Merge presets/$(PRESET).yaml into params.yaml (PRESET=cpu restores the defaults).
 preset: $(STAMP)
 	python -m crmse.presets $(PRESET)
+
+# The paper-scale run, for a GPU machine: the paper preset, then the whole pipeline.
+repro-paper: $(STAMP)
+	python -m crmse.presets paper
+	dvc repro
 
 bench: $(STAMP)
 	python benchmarks/train_throughput.py

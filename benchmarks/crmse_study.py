@@ -35,7 +35,7 @@ from crmse.observables import BondReference, SpuriousDetector, distributions
 from crmse.pairlist import VerletPotential
 from crmse.params import load_params
 from crmse.sampling import SampleSettings, run_sampling
-from crmse.train import evaluate_errors
+from crmse.train import evaluate_errors, write_log_csv
 
 # name -> overrides of params.yaml's crmse section
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -155,8 +155,9 @@ def main() -> None:
                 )
             model.eval()
             s_dir = scratch / f"s{seed}_{name}"
-            if over is not None:  # kept for inspection (same format as the pipeline's checkpoints)
+            if over is not None:  # kept for inspection (the pipeline's checkpoint and chain-log formats)
                 save_checkpoint(model, s_dir / "crmse.pt", {"study_variant": name, "overrides": over})
+                write_log_csv(s_dir / "crmse_log.csv", res.log, list(res.log[0]))
             err = evaluate_errors(model, test)
             entry.update(test_energy_mae=err["energy_mae"], test_force_mae=err["force_mae"])
             run_sampling(VerletPotential(model, skin=params["md"]["skin"]), pool.z, pool.R, settings, s_dir,

@@ -34,7 +34,7 @@ if __name__ == "__main__":
     c, ev = params["crmse"], params["evaluate"]
     temperature = c["temperature"]
     if temperature == "auto":
-        # The same T_conf of the validation frames (MSE model Laplacian) that the sample stage uses.
+        # The same T_conf of the reference pool (MSE model Laplacian) that the sample stage uses.
         temperature = read_json(run / "mse_metrics.json")["T_auto_K"]
     cfg = CRMSEConfig.from_params(c, temperature, args.seed)
     stability, detector = chain_monitors(train, val, ev)

@@ -38,7 +38,7 @@ if __name__ == "__main__":
 
     T = params["md"]["temperature"] if args.temperature is None else float(args.temperature)
     if T == "auto":
-        # T_conf of the validation frames with the MSE model's Laplacian, computed once by the
+        # T_conf of the reference pool with the MSE model's Laplacian, computed once by the
         # pretrain stage, so that the MSE and the CRMSE model are sampled at one temperature.
         T = read_json(run_dir("models", args.molecule, args.size, args.seed) / "mse_metrics.json")["T_auto_K"]
     setting = params["md"]["temperature"] if args.temperature is None else float(args.temperature)

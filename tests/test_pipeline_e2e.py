@@ -89,3 +89,15 @@ def test_tiny_pipeline_runs_end_to_end_and_is_cached(tmp_path):
     assert shown.returncode == 0 and "test_energy_mae" in shown.stdout
     # Nothing changed: every stage is cached.
     assert "Running stage" not in repro()
+
+    # A one-off variation as a DVC experiment: only CRMSE and what follows it rerun; `dvc exp show` lists it.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-q", "-m", "tiny"], cwd=proj, check=True, capture_output=True)
+    exp = subprocess.run([*DVC, "exp", "run", "-n", "lam-half", "-S", "crmse.lam=0.5"], cwd=proj, env=env,
+                         capture_output=True, text=True)
+    assert exp.returncode == 0, exp.stdout[-4000:] + exp.stderr[-4000:]
+    assert "Running stage 'crmse@ethanol-30-0'" in exp.stdout and "Running stage 'pretrain" not in exp.stdout
+    show = subprocess.run([*DVC, "exp", "show", "--json"], cwd=proj, env=env, capture_output=True, text=True)
+    assert show.returncode == 0, show.stderr
+    assert "lam-half" in show.stdout and "test_energy_mae" in show.stdout and '"lam": 0.5' in show.stdout

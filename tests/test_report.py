@@ -114,7 +114,8 @@ def make_run(root: Path, crmse_dead: bool = False) -> dict:
     ])
     write_json(models / "mse_metrics.json", {
         "epochs": 30, "best_epoch": 28, "stop_reason": "max_epochs", "wall_s": 30.0, "device": "cpu",
-        "T_conf_train_K": T_SET + 30, "T_conf_val_K": T_SET, "T_auto_K": T_SET, "val": {"energy_mae": 0.4, "force_mae": 1.5}, "test": {"energy_mae": 0.41},
+        "T_conf_train_K": T_SET + 30, "T_conf_val_K": T_SET - 20, "T_conf_pool_K": T_SET, "T_auto_K": T_SET,
+        "val": {"energy_mae": 0.4, "force_mae": 1.5}, "test": {"energy_mae": 0.41},
     })
     # crmse stage: per-iteration chain log, per-evaluation validation log, metrics (posttrain.py's formats)
     its = np.arange(1, 31)

@@ -177,13 +177,14 @@ def test_time_budget_stops_training(data):
 
 def _write_split(root: Path, train: Frames, val: Frames, test: Frames) -> None:
     out = run_dir(root, "ethanol", len(train), 0)
-    for name, fr in (("train", train), ("val", val), ("test", test)):
+    for name, fr in (("train", train), ("val", val), ("test", test), ("reference", test)):
         fr.save(out / f"{name}.npz")
 
 
 def _params(**mse) -> dict:
     # Only the sections pretrain reads; independent of the repository's params.yaml.
-    return {"device": "cpu", "torch_threads": 0, "model": dict(TINY), "mse": {**MSE, "max_epochs": 3, **mse}}
+    return {"device": "cpu", "torch_threads": 0, "model": dict(TINY), "mse": {**MSE, "max_epochs": 3, **mse},
+            "md": {"auto_temperature_frames": 10}}
 
 
 def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path, data):
@@ -198,7 +199,8 @@ def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path,
         assert metrics[split]["energy_mae"] > 0 and metrics[split]["force_mae"] > 0
     assert metrics["test"]["n_frames"] == 12 and metrics["epochs"] == 3 and metrics["device"] == "cpu"
     assert metrics["n_params"] > 0
-    assert metrics["T_auto_K"] == metrics["T_conf_val_K"] > 0 and metrics["T_conf_train_K"] > 0
+    assert metrics["T_auto_K"] == metrics["T_conf_pool_K"] > 0 and metrics["T_conf_pool_frames"] == 10
+    assert metrics["T_conf_train_K"] > 0 and metrics["T_conf_val_K"] > 0
     rows = list(csv.DictReader((out / "mse_log.csv").open()))
     assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
     model, meta = load_checkpoint(out / "mse.pt")

@@ -116,6 +116,7 @@ SCHEMA: dict[str, Any] = {
     "md": {
         "temperature": TEMPERATURE,
         "ablation_temperatures": Field("list0[float]", 0, 100000, lo_open=True),
+        "auto_temperature_frames": Field("int", 2),
         "dt": _pos(),
         "friction": _nonneg("float"),
         "n_replicas": Field("int", 1),

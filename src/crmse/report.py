@@ -509,7 +509,7 @@ def temperature_sentence(run: RunData) -> str:
     same = T["crmse"] is not None and abs(T["crmse"] - Ts) < 1e-6
     who = "both samplers" if same else f"the MSE sampler (CRMSE: {fmt(T['crmse'], 0)} K)"
     how = (
-        f"set automatically to the configurational temperature of the validation frames ({fmt(auto, 0)} K)"
+        f"set automatically to the data's configurational temperature ({fmt(auto, 0)} K, reference pool)"
         if setting == "auto" else "a fixed set temperature"
     )
     ref_txt = f"the reference pool's configurational temperature is {fmt(ref, 0)} K" if ref else (
@@ -1207,11 +1207,11 @@ def discover_runs(root: str | os.PathLike, declared: Mapping[str, Any] | None = 
     return sorted(runs, key=lambda k: (k.molecule, k.variant, k.size, k.seed))
 
 
-AUTO_GROUP = "auto T (T_conf of val)"
+AUTO_GROUP = "auto T (T_conf of the data)"
 
 
 def temperature_group(root: Path, key: RunKey, metrics: Mapping[str, Any]) -> str:
-    """:data:`AUTO_GROUP` when the samples ran at the validation frames' T_conf, else 'T = <T_set> K'."""
+    """:data:`AUTO_GROUP` when the samples ran at the data's T_conf (``auto``), else 'T = <T_set> K'."""
     T = _num(metrics.get("mse", {}).get("T_set"))
     mm = root / "models" / key.rel / "mse_metrics.json"
     if not key.variant and T is not None and mm.exists():
