@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["default"], help="predefined names or name:key=value,...")
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--production-ps", type=float, default=10.0)
-    ap.add_argument("--temperature", default="auto", help="sampling temperature: K or auto (the pretrain stage's T_auto_K)")
+    ap.add_argument("--temperature", default="auto", help="sampling temperature: K or auto (pretrain's T_auto_K)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
