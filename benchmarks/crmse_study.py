@@ -18,6 +18,7 @@ import argparse
 import copy
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def summarize(s_dir: Path, bonds: BondReference, detector: SpuriousDetector, ref: Any, mol: str,
-              ev: dict[str, Any]) -> dict[str, Any]:
+              ev: dict[str, Any], analyse_ps: float | None = None) -> dict[str, Any]:
     s = load_samples(s_dir / "samples.npz")
+    if analyse_ps is not None:  # the first analyse_ps of production: what a run that long would have saved
+        keep = int(np.searchsorted(s.time_ps, analyse_ps + 1e-9))
+        s = replace(s, R=s.R[:keep], E=s.E[:keep], T_kin=s.T_kin[:keep], time_ps=s.time_ps[:keep],
+                    unstable_frame=np.where(s.unstable_frame < keep, s.unstable_frame, -1))
     row, _, _, _ = sample_observables(s, bonds, detector, ref, TORSIONS[mol], ev, s.temperature)
     out = {k: row.get(k) for k in KEEP}
     out["n_replicas"] = row["n_replicas"]
@@ -97,8 +102,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["default"], help="predefined names or name:key=value,...")
     ap.add_argument("--replicas", type=int, default=64)
-    ap.add_argument("--production-ps", type=float, default=10.0)
+    ap.add_argument("--production-ps", type=float, default=None, help="default: params.yaml md.production_ps")
+    ap.add_argument("--analyse-ps", type=float, default=None,
+                    help="summarize only the first P ps of production (compare runs sampled for longer)")
     ap.add_argument("--temperature", default="auto", help="sampling temperature: K or auto (pretrain's T_auto_K)")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="only recompute the summaries of the named variants' finished runs (with --analyse-ps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -128,8 +137,17 @@ def main() -> None:
             pool.z, pool.R, pool.E, bonds.bonds, ev["spurious_energy_margin"], ev["spurious_distance_margin"]
         )
         ref = distributions(pool.R, pool.E, TORSIONS[args.molecule], ev["dihedral_bins"], T)
-        md = dict(params["md"], n_replicas=args.replicas, production_ps=args.production_ps)
+        production_ps = args.production_ps or params["md"]["production_ps"]
+        md = dict(params["md"], n_replicas=args.replicas, production_ps=production_ps)
         settings = SampleSettings.from_params({"md": md, "evaluate": ev}, T, seed)
+        if args.resummarize:
+            names = {name for name, _ in variants}
+            for entry in (r for r in record["runs"] if r["seed"] == seed and r["variant"] in names):
+                s_dir = scratch / f"s{seed}_{entry['variant']}"
+                entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
+                entry["analysed_ps"] = args.analyse_ps
+            write_json(out_path, record)
+            continue
         mse_model, _ = load_checkpoint(models / "mse.pt", device=device)
 
         for name, over in [("mse", None), *variants]:
@@ -138,7 +156,8 @@ def main() -> None:
             t0 = time.perf_counter()
             model = copy.deepcopy(mse_model)
             entry: dict[str, Any] = {"seed": seed, "variant": name, "overrides": over, "T_sample_K": T,
-                                     "n_train": len(train), "date": time.strftime("%Y-%m-%d %H:%M")}
+                                     "n_train": len(train), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                     "production_ps": md["production_ps"], "analysed_ps": args.analyse_ps}
             if over is not None:
                 section = {**params["crmse"], **over}
                 t_chain = section["temperature"]
@@ -162,7 +181,7 @@ def main() -> None:
             entry.update(test_energy_mae=err["energy_mae"], test_force_mae=err["force_mae"])
             run_sampling(VerletPotential(model, skin=params["md"]["skin"]), pool.z, pool.R, settings, s_dir,
                          device=device, dtype=model.dtype, meta={"label": f"s{seed} {name}"})
-            entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev))
+            entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
             entry["total_wall_s"] = time.perf_counter() - t0
             record["runs"].append(entry)
             write_json(out_path, record)

@@ -93,7 +93,8 @@ def _cfg(**kw) -> CRMSEConfig:
     return CRMSEConfig(**base)
 
 
-def test_contrastive_gradient_is_the_kl_gradient():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_contrastive_gradient_is_the_kl_gradient(weighted):
     torch.manual_seed(0)
     model = ToyDiatomic(A=3.0)
     data = _toy_data(16)
@@ -101,15 +102,19 @@ def test_contrastive_gradient_is_the_kl_gradient():
     R_chain = R_data.clone()
     R_chain[:, 1] *= 1.9 / R_chain[:, 1].norm(dim=-1, keepdim=True)  # chains sitting in the well
     beta = 1 / (KB * T_TOY)
+    R_chain[::2, 1] *= 1.2  # chains at several places in the well
+    # weights: 0 = a dead chain, 5 = an up-weighted (spurious) chain
+    w = torch.tensor([1.0, 5.0, 0.0, 1.0] * 4, dtype=torch.float64) if weighted else torch.ones(16, dtype=torch.float64)
     E_data = model.energy(R_data)
-    loss, _ = contrastive_loss(E_data, model, R_chain, beta)
+    loss, _ = contrastive_loss(E_data, model, R_chain, beta, w if weighted else None)
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
-    def mean_grad(R: torch.Tensor) -> list[torch.Tensor]:
+    def mean_grad(R: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor]:
         per = [torch.autograd.grad(model.energy(R[i : i + 1]).sum(), list(model.parameters())) for i in range(len(R))]
-        return [torch.stack([p[j] for p in per]).mean(0) for j in range(len(per[0]))]
+        return [(torch.stack([p[j] for p in per]) * weights).sum(0) / weights.sum() for j in range(len(per[0]))]
 
-    expected = [beta * (gd - gc) for gd, gc in zip(mean_grad(R_data), mean_grad(R_chain), strict=True)]
+    ones = torch.ones(16, dtype=torch.float64)
+    expected = [beta * (gd - gc) for gd, gc in zip(mean_grad(R_data, ones), mean_grad(R_chain, w), strict=True)]
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e)
     assert grads[2] > 0  # d/dA > 0: gradient descent lowers A, i.e. raises the well
@@ -226,3 +231,45 @@ def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_t
     assert forces[res.selected_iteration] == min(forces[it] for it in ties)  # ties broken by validation forces
     assert "fewest chain failures" in res.selection_note
     torch.testing.assert_close(model.A.detach(), res.state_dict["A"])  # the model holds the selected weights
+
+
+
+def test_flagged_chains_enter_the_chain_mean_with_spurious_weight(monkeypatch):
+    import crmse.contrastive as contrastive
+
+    seen = []
+
+    def recording_loss(E_data, model, R_chains, beta, weights=None, prune=False):
+        seen.append((R_chains.clone(), weights.clone()))
+        return contrastive_loss(E_data, model, R_chains, beta, weights, prune)
+
+    def short_bond(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        return (R[:, 1] - R[:, 0]).norm(dim=-1) < 1.0  # about half of the chains at any time
+
+    monkeypatch.setattr(contrastive, "contrastive_loss", recording_loss)
+    train_crmse(ToyDiatomic(A=0.0), _toy_data(64), _toy_data(64), _cfg(iterations=5, spurious_weight=7.0),
+                spurious=short_bond, progress=False)
+    for R, w in seen:
+        flagged = short_bond(R, None)
+        assert 0 < int(flagged.sum()) < len(flagged)
+        torch.testing.assert_close(w, torch.where(flagged, 7.0, 1.0).to(w.dtype))
+
+
+def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
+    live = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        out = adam_step(self, *args, **kwargs)
+        live.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    model = ToyDiatomic(k=15.0, A=12.0)
+    average = [p.detach().clone() for p in model.parameters()]
+    train_crmse(model, _toy_data(64), _toy_data(64), _cfg(iterations=12, lr=0.1, ema_decay=0.7), progress=False)
+    for step in live:
+        average = [0.7 * a + 0.3 * w for a, w in zip(average, step, strict=True)]
+    for got, want in zip(model.parameters(), average, strict=True):
+        torch.testing.assert_close(got.detach(), want)
+    assert not torch.allclose(model.k.detach(), live[-1][0])  # not simply the last weights

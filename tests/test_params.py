@@ -37,6 +37,8 @@ def test_repository_params_are_valid():
         (("md", "dt"), 0, r"md.dt = 0.*> 0"),
         (("crmse", "p_reset"), 1.5, r"crmse.p_reset = 1.5.*<= 1"),
         (("crmse", "n_chains"), 2.5, r"crmse.n_chains = 2.5.*integer"),
+        (("crmse", "ema_decay"), 1.0, r"crmse.ema_decay = 1.0.*<= 0.9999"),
+        (("crmse", "spurious_weight"), 0.5, r"crmse.spurious_weight = 0.5.*>= 1"),
         (("mse", "lr"), "fast", r"mse.lr = 'fast'"),
         (("mse", "lr"), float("nan"), r"mse.lr = nan"),
         (("data", "variant"), "md22", r"data.variant = 'md22'.*'md17', 'rmd17'"),

@@ -62,6 +62,8 @@ class CRMSEConfig:
     max_gap: float = 3.0
     selection: str = "best_val_forces"
     select_after: float = 0.5
+    spurious_weight: float = 1.0
+    ema_decay: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -71,17 +73,17 @@ class CRMSEConfig:
 
 
 def contrastive_loss(
-    E_data: Tensor, model: Any, R_chains: Tensor, beta: float, alive: Tensor | None = None, prune: bool = False
+    E_data: Tensor, model: Any, R_chains: Tensor, beta: float, weights: Tensor | None = None, prune: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """L_C = β(mean E_data − mean E_θ(stopgrad R_chains)); also returns the chains' energies (B,).
+    """L_C = β(mean E_data − weighted mean E_θ(stopgrad R_chains)); also returns the chains' energies (B,).
 
     ``E_data`` (B_data,) must carry the θ-graph; chain positions are detached so no
-    gradient ever flows into them. Chains with ``alive`` False are left out of the mean.
+    gradient ever flows into them. ``weights`` (B,) ≥ 0 weight the chain mean (0 = left out).
     """
     E_chains = model.energy(R_chains.detach(), prune=prune)
-    if alive is not None:
-        weights = alive.to(E_chains.dtype)
-        chain_mean = (E_chains * weights).sum() / weights.sum().clamp_min(1.0)
+    if weights is not None:
+        weights = weights.to(E_chains.dtype)
+        chain_mean = (E_chains * weights).sum() / weights.sum().clamp_min(1e-12)
     else:
         chain_mean = E_chains.mean()
     return beta * (E_data.mean() - chain_mean), E_chains
@@ -194,6 +196,9 @@ def train_crmse(
     train_F = torch.as_tensor(train.F, device=device, dtype=dtype)
     chains = PersistentChains(model, train_R, atomic_masses(train.z), cfg, stability, chain_gen)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
+    # from step to step; the average is what is validated and selected, the chains follow the live weights.
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
 
     log: list[dict[str, float]] = []
     val_log: list[dict[str, float]] = []
@@ -207,11 +212,25 @@ def train_crmse(
         opt.zero_grad(set_to_none=True)
         E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True, prune=chains.prune)
         l_mse, _, _ = mse_loss(E_data, F_data, train_E[idx], train_F[idx], cfg.rho_energy, cfg.rho_forces)
-        l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, chains.state.alive, chains.prune)
+        weights = chains.state.alive.to(dtype)
+        flagged = None
+        if spurious is not None:
+            flagged = spurious(chains.state.R, chains.state.E) & chains.state.alive
+            # A chain that fell into a hole stands for far more than 1/M of p_θ's mass there (the
+            # chains are not mixed), so its push on the hole is scaled up (1 = plain CRMSE).
+            weights = torch.where(flagged, cfg.spurious_weight, weights)
+        l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, weights, chains.prune)
         loss = l_mse + cfg.lam * l_c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].lerp_(v, 1.0 - cfg.ema_decay)
+                    else:
+                        ema[k].copy_(v)
         row = {
             "l_mse": l_mse.detach(),
             "l_c": l_c.detach(),
@@ -221,8 +240,8 @@ def train_crmse(
             "e_chain_min": E_chain.detach().min(),
             **stats,
         }
-        if spurious is not None:
-            row["n_spurious"] = spurious(chains.state.R, chains.state.E).sum()
+        if flagged is not None:
+            row["n_spurious"] = flagged.sum()
         if hasattr(spurious, "min_nonbonded_distance"):  # a SpuriousDetector: how close the closest pair gets
             row["d_chain_min"] = spurious.min_nonbonded_distance(chains.state.R).min()
         pending.append(row)
@@ -237,8 +256,16 @@ def train_crmse(
                 bad = next(r["iteration"] for r in log[-len(window) :] if not math.isfinite(r["l_mse"] + r["l_c"]))
                 raise FloatingPointError(f"CRMSE: non-finite loss at iteration {int(bad)}; no checkpoint written")
             gap = float(np.mean([r["gap"] for r in window]))
+            live = None
+            if ema is not None:
+                live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(ema)
             offset = refit_energy_offset(model, train)
             errors = evaluate_errors(model, val, batch_size=64)
+            candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if live is not None:
+                model.load_state_dict(live)
+                refit_energy_offset(model, train)
             model.train()
             blowups = float(sum(r["blowups"] for r in window))
             spurious_its = float(sum(r.get("n_spurious", 0.0) for r in window))
@@ -258,7 +285,7 @@ def train_crmse(
             eligible = it >= cfg.select_after * cfg.iterations and abs(gap) <= cfg.max_gap
             score = (entry["chain_failures"] if cfg.selection == "fewest_chain_failures" else 0.0, errors["force_mae"])
             if cfg.selection != "last" and eligible and (best is None or score < best[0]):
-                best = (score, it, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                best = (score, it, candidate)
     bar.close()
 
     if best is not None:
@@ -270,7 +297,8 @@ def train_crmse(
             f"{what} after {cfg.select_after:.0%} of the iterations with |gap| <= {cfg.max_gap}"
         )
     else:
-        state, selected = {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg.iterations
+        state = ema if ema is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        selected = cfg.iterations
         note = "last iteration" if cfg.selection == "last" else (
             f"last iteration: no evaluation after {cfg.select_after:.0%} had |gap| <= {cfg.max_gap} kcal/mol"
         )

@@ -112,6 +112,8 @@ SCHEMA: dict[str, Any] = {
         "max_gap": _pos(),
         "selection": Field("str", choices=("fewest_chain_failures", "best_val_forces", "last")),
         "select_after": _prob(),
+        "spurious_weight": Field("float", 1.0),
+        "ema_decay": Field("float", 0.0, 0.9999),
     },
     "md": {
         "temperature": TEMPERATURE,
