@@ -183,6 +183,9 @@ def main() -> None:
                          device=device, dtype=model.dtype, meta={"label": f"s{seed} {name}"})
             entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
             entry["total_wall_s"] = time.perf_counter() - t0
+            # Re-read before writing: another study process may have added runs to the same file meanwhile.
+            if out_path.exists():
+                record["runs"] = [r for r in read_json(out_path)["runs"] if (r["seed"], r["variant"]) != (seed, name)]
             record["runs"].append(entry)
             write_json(out_path, record)
             print(
