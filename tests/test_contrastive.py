@@ -233,7 +233,6 @@ def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_t
     torch.testing.assert_close(model.A.detach(), res.state_dict["A"])  # the model holds the selected weights
 
 
-
 def test_flagged_chains_enter_the_chain_mean_with_spurious_weight(monkeypatch):
     import crmse.contrastive as contrastive
 
