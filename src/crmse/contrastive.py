@@ -198,7 +198,7 @@ def train_crmse(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
     # from step to step; the average is what is validated and selected, the chains follow the live weights.
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
+    ema = _clone_state(model.state_dict()) if cfg.ema_decay > 0 else None
 
     log: list[dict[str, float]] = []
     val_log: list[dict[str, float]] = []
@@ -258,11 +258,10 @@ def train_crmse(
             gap = float(np.mean([r["gap"] for r in window]))
             live = None
             if ema is not None:
-                live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                live = _clone_state(model.state_dict())
                 model.load_state_dict(ema)
             offset = refit_energy_offset(model, train)
             errors = evaluate_errors(model, val, batch_size=64)
-            candidate = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if live is not None:
                 model.load_state_dict(live)
                 refit_energy_offset(model, train)
@@ -285,7 +284,7 @@ def train_crmse(
             eligible = it >= cfg.select_after * cfg.iterations and abs(gap) <= cfg.max_gap
             score = (entry["chain_failures"] if cfg.selection == "fewest_chain_failures" else 0.0, errors["force_mae"])
             if cfg.selection != "last" and eligible and (best is None or score < best[0]):
-                best = (score, it, candidate)
+                best = (score, it, _clone_state(ema if ema is not None else model.state_dict()))
     bar.close()
 
     if best is not None:
@@ -297,8 +296,7 @@ def train_crmse(
             f"{what} after {cfg.select_after:.0%} of the iterations with |gap| <= {cfg.max_gap}"
         )
     else:
-        state = ema if ema is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
-        selected = cfg.iterations
+        state, selected = _clone_state(ema if ema is not None else model.state_dict()), cfg.iterations
         note = "last iteration" if cfg.selection == "last" else (
             f"last iteration: no evaluation after {cfg.select_after:.0%} had |gap| <= {cfg.max_gap} kcal/mol"
         )
@@ -307,6 +305,11 @@ def train_crmse(
     refit_energy_offset(model, train)
     model.eval()
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
+
+
+def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A detached copy of a state dict (the live weights keep changing)."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def chain_monitors(train: Frames, val: Frames, ev: dict[str, Any]) -> tuple[StabilityCheck, SpuriousDetector]:
