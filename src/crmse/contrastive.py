@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from crmse.data import Frames
 from crmse.langevin import Langevin, LangevinState, StabilityCheck
 from crmse.observables import SpuriousDetector
+from crmse.params import SELECTION_RULES
 from crmse.train import evaluate_errors, mse_loss, refit_energy_offset
 from crmse.units import beta as inverse_temperature
 from crmse.units import masses as atomic_masses
 
 SpuriousFn = Callable[[Tensor, Tensor], Tensor]
-SELECTION_RULES = ("fewest_chain_failures", "best_val_forces", "last")
 
 
 @dataclass

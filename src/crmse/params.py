@@ -16,6 +16,10 @@ import yaml
 
 from crmse.molecules import ATOMIC_NUMBERS
 
+# CRMSE checkpoint-selection rules (crmse.contrastive.train_crmse implements them); here so
+# that validating params needs no torch.
+SELECTION_RULES = ("fewest_chain_failures", "best_val_forces", "last")
+
 
 class ParamsError(ValueError):
     """params.yaml is missing a key, has an unknown key or a value out of range."""
@@ -110,7 +114,7 @@ SCHEMA: dict[str, Any] = {
         "eval_every": Field("int", 1),
         "grad_clip": _pos(),
         "max_gap": _pos(),
-        "selection": Field("str", choices=("fewest_chain_failures", "best_val_forces", "last")),
+        "selection": Field("str", choices=SELECTION_RULES),
         "select_after": _prob(),
         "spurious_weight": Field("float", 1.0),
         "ema_decay": Field("float", 0.0, 0.9999),
