@@ -266,7 +266,8 @@ def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     model = ToyDiatomic(k=15.0, A=12.0)
     average = [p.detach().clone() for p in model.parameters()]
-    train_crmse(model, _toy_data(64), _toy_data(64), _cfg(iterations=12, lr=0.1, ema_decay=0.7), progress=False)
+    res = train_crmse(model, _toy_data(64), _toy_data(64), _cfg(iterations=12, lr=0.1, ema_decay=0.7), progress=False)
+    assert "moving average, decay 0.7" in res.selection_note  # recorded in crmse_metrics.json and the report
     for step in live:
         average = [0.7 * a + 0.3 * w for a, w in zip(average, step, strict=True)]
     for got, want in zip(model.parameters(), average, strict=True):

@@ -300,6 +300,8 @@ def train_crmse(
         note = "last iteration" if cfg.selection == "last" else (
             f"last iteration: no evaluation after {cfg.select_after:.0%} had |gap| <= {cfg.max_gap} kcal/mol"
         )
+    if ema is not None:
+        note += f"; weights: moving average, decay {cfg.ema_decay}"
     model.load_state_dict(state)
     # The energy shift is not part of the state dict: refit it for the weights just loaded.
     refit_energy_offset(model, train)
