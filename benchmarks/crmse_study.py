@@ -89,7 +89,8 @@ def summarize(s_dir: Path, bonds: BondReference, detector: SpuriousDetector, ref
     out["n_replicas"] = row["n_replicas"]
     out["n_spurious_replicas"] = round(row["spurious_replica_fraction"] * row["n_replicas"])
     out["n_stable_replicas"] = round(row["stable_fraction"] * row["n_replicas"])
-    out["dihedral_rmse"] = {k[len("dihedral_rmse_"):]: v for k, v in row.items() if k.startswith("dihedral_rmse_")}
+    out["dihedral_rmse"] = {k[len("dihedral_"):-len("_rmse")]: v for k, v in row.items()
+                            if k.startswith("dihedral_") and k.endswith("_rmse")}
     info = read_json(s_dir / "sample.json")
     out["sample_wall_s"] = info["throughput"]["wall_s"]
     return out
