@@ -89,8 +89,7 @@ def summarize(s_dir: Path, bonds: BondReference, detector: SpuriousDetector, ref
     out["n_replicas"] = row["n_replicas"]
     out["n_spurious_replicas"] = round(row["spurious_replica_fraction"] * row["n_replicas"])
     out["n_stable_replicas"] = round(row["stable_fraction"] * row["n_replicas"])
-    out["dihedral_rmse"] = {k[len("dihedral_"):-len("_rmse")]: v for k, v in row.items()
-                            if k.startswith("dihedral_") and k.endswith("_rmse")}
+    out["dihedral_rmse"] = {t.name: row.get(f"dihedral_{t.name}_rmse") for t in TORSIONS[mol]}
     info = read_json(s_dir / "sample.json")
     out["sample_wall_s"] = info["throughput"]["wall_s"]
     return out
@@ -147,7 +146,7 @@ def main() -> None:
                 s_dir = scratch / f"s{seed}_{entry['variant']}"
                 entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
                 entry["analysed_ps"] = args.analyse_ps
-            write_json(out_path, record)
+                save_entry(out_path, record, entry)
             continue
         mse_model, _ = load_checkpoint(models / "mse.pt", device=device)
 
@@ -184,11 +183,7 @@ def main() -> None:
                          device=device, dtype=model.dtype, meta={"label": f"s{seed} {name}"})
             entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
             entry["total_wall_s"] = time.perf_counter() - t0
-            # Re-read before writing: another study process may have added runs to the same file meanwhile.
-            if out_path.exists():
-                record["runs"] = [r for r in read_json(out_path)["runs"] if (r["seed"], r["variant"]) != (seed, name)]
-            record["runs"].append(entry)
-            write_json(out_path, record)
+            save_entry(out_path, record, entry)
             print(
                 f"-> {name} s{seed}: spurious {entry['n_spurious_replicas']}/{entry['n_replicas']}, lowest E - DFT min "
                 f"{entry['lowest_energy_rel_dft_min']:.1f}, stable {entry['n_stable_replicas']}, test E/F MAE "
@@ -196,6 +191,17 @@ def main() -> None:
                 f"h(r) {entry['hr_mae']:.3f}, {entry['total_wall_s']:.0f} s"
             )
     print_table(record)
+
+
+def save_entry(out_path: Path, record: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Write ``entry`` into the results file, replacing its (seed, variant); ``record`` becomes the file's content.
+
+    The file is re-read first: another study process may have added runs to it meanwhile.
+    """
+    runs = read_json(out_path)["runs"] if out_path.exists() else record["runs"]
+    key = (entry["seed"], entry["variant"])
+    record["runs"] = [r for r in runs if (r["seed"], r["variant"]) != key] + [entry]
+    write_json(out_path, record)
 
 
 def print_table(record: dict[str, Any]) -> None:

@@ -263,6 +263,8 @@ def train_crmse(
             offset = refit_energy_offset(model, train)
             errors = evaluate_errors(model, val, batch_size=64)
             if live is not None:
+                # Refit the live weights' offset too, as a run without averaging does: the chains then see
+                # exactly the surface they would see with ema_decay 0.
                 model.load_state_dict(live)
                 refit_energy_offset(model, train)
             model.train()
