@@ -45,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "T500": {"temperature": 500.0},  # chains at the nominal MD17 temperature instead of auto
     "short": {"p_reset": 0.02, "steps_per_iter": 10},  # short-lived chains: mean life 250 fs (DESIGN.md §3)
     "lam0.3": {"lam": 0.3},
+    "memory": {"hole_memory": 256},  # remembered holes held above the highest training energy
 }
 KEEP = (
     "stable_fraction", "median_time_to_instability_ps", "spurious_replica_fraction", "spurious_frame_fraction",
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--temperature", default="auto", help="sampling temperature: K or auto (pretrain's T_auto_K)")
     ap.add_argument("--resummarize", action="store_true",
                     help="only recompute the summaries of the named variants' finished runs (with --analyse-ps)")
+    ap.add_argument("--skip-mse", action="store_true",
+                    help="do not sample the MSE model (its entry from an earlier run with the same settings stands)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -150,7 +153,7 @@ def main() -> None:
             continue
         mse_model, _ = load_checkpoint(models / "mse.pt", device=device)
 
-        for name, over in [("mse", None), *variants]:
+        for name, over in [*([] if args.skip_mse else [("mse", None)]), *variants]:
             if (seed, name) in done:
                 continue
             t0 = time.perf_counter()

@@ -273,3 +273,44 @@ def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
     for got, want in zip(model.parameters(), average, strict=True):
         torch.testing.assert_close(got.detach(), want)
     assert not torch.allclose(model.k.detach(), live[-1][0])  # not simply the last weights
+
+
+def test_hole_memory_keeps_the_newest_flagged_configurations():
+    from crmse.contrastive import HoleMemory
+
+    memory = HoleMemory(3, torch.zeros(2, 3, dtype=torch.float64))
+    frames = torch.arange(5, dtype=torch.float64)[:, None, None].expand(5, 2, 3).clone()  # frame k is all k
+    memory.add(frames, torch.tensor([False, True, False, True, False]))
+    assert int(memory.count) == 2
+    assert sorted(memory.R[:2, 0, 0].tolist()) == [1.0, 3.0]
+    memory.add(frames + 10, torch.tensor([True, True, True, False, False]))  # 3 more into 3 slots: wraps
+    assert int(memory.count) == 3
+    assert sorted(memory.R[:3, 0, 0].tolist()) == [10.0, 11.0, 12.0]  # the oldest two were overwritten
+    drawn = memory.sample(200, torch.Generator().manual_seed(0))[:, 0, 0]
+    assert set(drawn.tolist()) == {10.0, 11.0, 12.0}
+
+
+@pytest.mark.parametrize("hole_weight", [0.0, 1.0])
+def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_no_further(hole_weight):
+    # λ = 0: MSE cannot see the well (A has no MSE gradient), so only the remembered-hole hinge can raise it.
+    data = _toy_data(128)
+
+    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
+
+    model = ToyDiatomic(A=12.0)
+    cfg = _cfg(lam=0.0, iterations=300, lr=0.05, hole_memory=64, hole_weight=hole_weight)
+    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    stored = [r["holes_stored"] for r in res.log]
+    assert max(stored) > 0  # chains fell into the well and were remembered
+    if hole_weight == 0:
+        assert model.A.item() == 12.0
+        return
+    ceiling = float(np.max(data.E))
+    # The bottom of the well (r = 1.9 Å) now lies above every training energy ...
+    bottom = torch.zeros(1, 2, 3, dtype=torch.float64)
+    bottom[0, 1, 0] = R_WELL
+    assert model.energy(bottom).item() > ceiling
+    # ... and the hinge switched itself off there instead of raising the well without bound.
+    assert res.log[-1]["l_hole"] == 0.0
+    assert model.A.item() > 3.0  # the well is lifted above the data, not flattened

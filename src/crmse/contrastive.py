@@ -11,6 +11,15 @@ The chains are persistent (DESIGN.md §3: chains that live ~250 fs never reach t
 MD falls into after ≥ 1 ps); they restart from a random training frame only on blow-up
 or with probability ``p_reset`` per iteration.
 
+Chains only push on a hole while they sit in it; once a chain has been pushed out, nothing
+holds the hole up, and the MSE and data terms, which share every weight with it, can lower it
+again. With ``hole_memory`` > 0 every chain configuration the spurious detector flags is kept
+(:class:`HoleMemory`, a ring buffer on the device), and a hinge keeps each remembered
+configuration at or above the highest training energy:
+L_H = β·mean_{x∈memory sample} max(0, E_train,max − E_θ(x)), L = L_MSE + λ·L_C + μ·L_H.
+It is zero once every remembered hole is above the data's energy range, so it does not keep
+raising them, and it uses no new data: the detector's thresholds come from train + val frames.
+
 L_C is blind to a constant energy offset, and ρ_E = 0.01 barely holds one, so the
 prototype lost energy accuracy to a drifting constant. A constant changes neither forces
 nor p_θ, so it is re-fitted in closed form (mean residual on the training energies)
@@ -64,6 +73,8 @@ class CRMSEConfig:
     select_after: float = 0.5
     spurious_weight: float = 1.0
     ema_decay: float = 0.0
+    hole_memory: int = 0
+    hole_weight: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -87,6 +98,50 @@ def contrastive_loss(
     else:
         chain_mean = E_chains.mean()
     return beta * (E_data.mean() - chain_mean), E_chains
+
+
+class HoleMemory:
+    """Ring buffer of up to ``size`` configurations (n, 3) Å in which chains were flagged spurious.
+
+    Everything stays on the device: :meth:`add` and :meth:`sample` do no host round-trip.
+    """
+
+    def __init__(self, size: int, template: Tensor) -> None:
+        if size < 1:
+            raise ValueError(f"hole memory size must be >= 1, got {size}")
+        self.size = size
+        # Slot ``size`` is a scratch slot that unflagged chains are written to. Slots start as copies
+        # of a real frame so that a sample drawn before anything is stored evaluates to finite values.
+        self.R = template.detach().expand(size + 1, *template.shape).clone()
+        self.count = torch.zeros((), dtype=torch.long, device=template.device)
+        self.next = torch.zeros((), dtype=torch.long, device=template.device)
+
+    def add(self, R: Tensor, flagged: Tensor) -> None:
+        """Store the configurations R (M, n, 3) where ``flagged`` (M,) is True (at most ``size`` per call)."""
+        rank = torch.cumsum(flagged.long(), 0) - 1
+        keep = flagged & (rank < self.size)
+        slot = torch.where(keep, (self.next + rank) % self.size, torch.full_like(rank, self.size))
+        self.R.index_copy_(0, slot, R.detach().to(self.R.dtype))
+        n_new = keep.sum()
+        self.next = (self.next + n_new) % self.size
+        self.count = torch.clamp(self.count + n_new, max=self.size)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """n stored configurations drawn uniformly with replacement (slot 0 repeated while empty)."""
+        u = torch.rand(n, generator=generator, device=self.R.device, dtype=torch.float64)
+        return self.R[(u * self.count).long()]
+
+
+def hole_loss(model: Any, memory: HoleMemory, ceiling: float, beta: float, n: int, generator: torch.Generator,
+              prune: bool = False) -> tuple[Tensor, Tensor]:
+    """L_H = β·mean max(0, ceiling − E_θ(x)) over n remembered holes x (0 while the memory is empty).
+
+    Also returns the fraction of the sampled holes still below ``ceiling`` (kcal/mol).
+    """
+    E = model.energy(memory.sample(n, generator), prune=prune)
+    below = (ceiling - E).clamp_min(0.0)
+    filled = (memory.count > 0).to(E.dtype)
+    return beta * below.mean() * filled, (below > 0).to(E.dtype).mean() * filled
 
 
 class PersistentChains:
@@ -181,6 +236,8 @@ def train_crmse(
     """
     if cfg.selection not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: {', '.join(map(repr, SELECTION_RULES))}")
+    if cfg.hole_memory > 0 and spurious is None:
+        raise ValueError("hole_memory > 0 needs a spurious-state detector (crmse.contrastive.chain_monitors)")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
@@ -199,6 +256,12 @@ def train_crmse(
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
     # from step to step; the average is what is validated and selected, the chains follow the live weights.
     ema = _clone_state(model.state_dict()) if cfg.ema_decay > 0 else None
+    memory = HoleMemory(cfg.hole_memory, train_R[0]) if cfg.hole_memory > 0 else None
+    memory_gen = torch.Generator(device=device)
+    memory_gen.manual_seed(cfg.seed + 104729)
+    # The hinge's target: no configuration outside the data's support may be lower than the highest
+    # training energy (the DFT audit puts such frames 70-280 kcal/mol above the DFT minimum).
+    ceiling = float(np.max(train.E))
 
     log: list[dict[str, float]] = []
     val_log: list[dict[str, float]] = []
@@ -221,6 +284,10 @@ def train_crmse(
             weights = torch.where(flagged, cfg.spurious_weight, weights)
         l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, weights, chains.prune)
         loss = l_mse + cfg.lam * l_c
+        if memory is not None:
+            memory.add(chains.state.R, flagged)
+            l_h, holes_below = hole_loss(model, memory, ceiling, beta, cfg.n_chains, memory_gen, chains.prune)
+            loss = loss + cfg.hole_weight * l_h
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -242,6 +309,8 @@ def train_crmse(
         }
         if flagged is not None:
             row["n_spurious"] = flagged.sum()
+        if memory is not None:
+            row.update(l_hole=l_h.detach(), holes_stored=memory.count, holes_below_ceiling=holes_below.detach())
         if hasattr(spurious, "min_nonbonded_distance"):  # a SpuriousDetector: how close the closest pair gets
             row["d_chain_min"] = spurious.min_nonbonded_distance(chains.state.R).min()
         pending.append(row)

@@ -118,6 +118,8 @@ SCHEMA: dict[str, Any] = {
         "select_after": _prob(),
         "spurious_weight": Field("float", 1.0),
         "ema_decay": Field("float", 0.0, 0.9999),
+        "hole_memory": _nonneg(),
+        "hole_weight": _nonneg("float"),
     },
     "md": {
         "temperature": TEMPERATURE,
