@@ -314,3 +314,29 @@ def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_n
     # ... and the hinge switched itself off there instead of raising the well without bound.
     assert res.log[-1]["l_hole"] == 0.0
     assert model.A.item() > 3.0  # the well is lifted above the data, not flattened
+
+
+@pytest.mark.parametrize("scouts", [0, 32])
+def test_hot_scouts_find_a_hole_behind_a_barrier_the_chains_do_not_cross(scouts):
+    # Chains at 100 K do not cross the barrier between the data and the well in 150 iterations; scouts at 300 K do.
+    data = _toy_data(128)
+
+    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
+
+    model = ToyDiatomic(A=12.0)
+    cfg = _cfg(lam=0.0, temperature=100.0, iterations=150, lr=0.05, hole_memory=64, scout_chains=scouts,
+               scout_temperature_ratio=3.0)
+    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    assert sum(r["n_spurious"] for r in res.log) == 0  # the chains themselves never reach the well
+    if scouts == 0:
+        assert res.log[-1]["holes_stored"] == 0 and model.A.item() == 12.0
+    else:
+        assert sum(r["scout_spurious"] for r in res.log) > 0
+        assert model.A.item() < 9.0  # what the scouts found was lifted
+
+
+def test_scouts_without_a_hole_memory_are_refused():
+    with pytest.raises(ValueError, match="scout_chains > 0 needs hole_memory > 0"):
+        train_crmse(ToyDiatomic(), _toy_data(16), _toy_data(16), _cfg(scout_chains=4), spurious=lambda R, E: E < 0,
+                    progress=False)

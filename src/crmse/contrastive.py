@@ -19,6 +19,10 @@ configuration at or above the highest training energy:
 L_H = β·mean_{x∈memory sample} max(0, E_train,max − E_θ(x)), L = L_MSE + λ·L_C + μ·L_H.
 It is zero once every remembered hole is above the data's energy range, so it does not keep
 raising them, and it uses no new data: the detector's thresholds come from train + val frames.
+Holes the chains never visit stay: MD still found a rare one (an H migrating onto the O) that
+64 chains at T_chain had not met in ~10 ps. ``scout_chains`` > 0 adds chains at
+``scout_temperature_ratio``·T_chain that only feed the memory: hotter chains cross the barriers
+into holes far sooner, and since they never enter L_C they do not bias the KL term's temperature.
 
 L_C is blind to a constant energy offset, and ρ_E = 0.01 barely holds one, so the
 prototype lost energy accuracy to a drifting constant. A constant changes neither forces
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -75,6 +79,8 @@ class CRMSEConfig:
     ema_decay: float = 0.0
     hole_memory: int = 0
     hole_weight: float = 1.0
+    scout_chains: int = 0
+    scout_temperature_ratio: float = 1.5
     seed: int = 0
 
     @classmethod
@@ -238,6 +244,8 @@ def train_crmse(
         raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: {', '.join(map(repr, SELECTION_RULES))}")
     if cfg.hole_memory > 0 and spurious is None:
         raise ValueError("hole_memory > 0 needs a spurious-state detector (crmse.contrastive.chain_monitors)")
+    if cfg.scout_chains > 0 and cfg.hole_memory == 0:
+        raise ValueError("scout_chains > 0 needs hole_memory > 0: scouts only feed the hole memory")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
@@ -252,6 +260,12 @@ def train_crmse(
     train_E = torch.as_tensor(train.E, device=device, dtype=torch.float64)
     train_F = torch.as_tensor(train.F, device=device, dtype=dtype)
     chains = PersistentChains(model, train_R, atomic_masses(train.z), cfg, stability, chain_gen)
+    scouts = None
+    if cfg.scout_chains > 0:
+        scout_gen = torch.Generator(device=device)
+        scout_gen.manual_seed(cfg.seed + 15485863)
+        scout_cfg = replace(cfg, n_chains=cfg.scout_chains, temperature=cfg.temperature * cfg.scout_temperature_ratio)
+        scouts = PersistentChains(model, train_R, atomic_masses(train.z), scout_cfg, stability, scout_gen)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
     # from step to step; the average is what is validated and selected, the chains follow the live weights.
@@ -271,6 +285,8 @@ def train_crmse(
     bar = tqdm(range(1, cfg.iterations + 1), desc="CRMSE", unit="it", disable=not progress)
     for it in bar:
         stats = chains.advance(cfg.steps_per_iter)
+        if scouts is not None:
+            scout_stats = scouts.advance(cfg.steps_per_iter)
         idx = torch.randint(len(train_R), (min(cfg.batch_size, len(train_R)),), generator=gen, device=device)
         opt.zero_grad(set_to_none=True)
         E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True, prune=chains.prune)
@@ -286,6 +302,9 @@ def train_crmse(
         loss = l_mse + cfg.lam * l_c
         if memory is not None:
             memory.add(chains.state.R, flagged)
+            if scouts is not None:
+                scout_flagged = spurious(scouts.state.R, scouts.state.E) & scouts.state.alive
+                memory.add(scouts.state.R, scout_flagged)
             l_h, holes_below = hole_loss(model, memory, ceiling, beta, cfg.n_chains, memory_gen, chains.prune)
             loss = loss + cfg.hole_weight * l_h
         loss.backward()
@@ -311,6 +330,8 @@ def train_crmse(
             row["n_spurious"] = flagged.sum()
         if memory is not None:
             row.update(l_hole=l_h.detach(), holes_stored=memory.count, holes_below_ceiling=holes_below.detach())
+        if scouts is not None:
+            row.update(scout_spurious=scout_flagged.sum(), scout_blowups=scout_stats["blowups"])
         if hasattr(spurious, "min_nonbonded_distance"):  # a SpuriousDetector: how close the closest pair gets
             row["d_chain_min"] = spurious.min_nonbonded_distance(chains.state.R).min()
         pending.append(row)

@@ -120,6 +120,8 @@ SCHEMA: dict[str, Any] = {
         "ema_decay": Field("float", 0.0, 0.9999),
         "hole_memory": _nonneg(),
         "hole_weight": _nonneg("float"),
+        "scout_chains": _nonneg(),
+        "scout_temperature_ratio": Field("float", 1.0),
     },
     "md": {
         "temperature": TEMPERATURE,

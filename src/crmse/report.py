@@ -1084,6 +1084,10 @@ def fig_chains(run: RunData) -> Figure:
     if "n_spurious" in C:
         ax.plot(it, C["n_spurious"], color="#bbbbbb", lw=0.6)
         ax.plot(it, _rolling(C["n_spurious"], n), color="#c00000", lw=1.8, label="running mean")
+    if "holes_stored" in C:  # crmse.hole_memory > 0
+        ax.plot(it, C["holes_stored"], color=FLOOR_COLOR, lw=1.5, ls="--", label="remembered holes")
+        ax.plot(it, _rolling(C["holes_stored"] * C["holes_below_ceiling"], n), color="#7030a0", lw=1.5,
+                label="… of which below the highest training energy")
     ax.set_ylim(bottom=-0.5)
     ax.set_xlabel("CRMSE iteration")
     ax.set_ylabel(f"chains in a spurious state (of {cp.get('n_chains')})")
