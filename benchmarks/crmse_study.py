@@ -45,7 +45,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "T500": {"temperature": 500.0},  # chains at the nominal MD17 temperature instead of auto
     "short": {"p_reset": 0.02, "steps_per_iter": 10},  # short-lived chains: mean life 250 fs (DESIGN.md §3)
     "lam0.3": {"lam": 0.3},
-    "memory": {"hole_memory": 256},  # remembered holes held above the highest training energy
+    "no_scouts": {"scout_chains": 0},  # hole memory fed by the chains alone
+    "plain": {"hole_memory": 0, "scout_chains": 0},  # no hole memory: the default before it
 }
 KEEP = (
     "stable_fraction", "median_time_to_instability_ps", "spurious_replica_fraction", "spurious_frame_fraction",

@@ -71,6 +71,7 @@ if __name__ == "__main__":
             "final_gap": last["gap"],
             "chain_blowups": int(sum(r["blowups"] for r in result.log)),
             "chains_spurious_at_end": last["n_spurious"],
+            "holes_remembered": int(result.log[-1].get("holes_stored", 0)),
             "chain_failures_before_selected": chosen["chain_failures"],
             "wall_s": result.wall_s,
             "device": str(device),

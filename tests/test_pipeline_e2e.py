@@ -24,7 +24,7 @@ TINY = {
     "split": {"n_val": 10, "n_test": 20},
     "model": {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 1, "n_rbf": 8},
     "mse": {"max_epochs": 3, "max_steps": 1000, "max_minutes": 0.5},
-    "crmse": {"n_chains": 4, "steps_per_iter": 2, "iterations": 6, "eval_every": 3},
+    "crmse": {"n_chains": 4, "scout_chains": 4, "steps_per_iter": 2, "iterations": 6, "eval_every": 3},
     "md": {
         "n_replicas": 3, "equilibration_fs": 5, "production_ps": 0.02, "save_every": 2, "chunk_frames": 5,
         "conf_temperature_frames": 8,

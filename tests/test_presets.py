@@ -35,7 +35,7 @@ def test_paper_preset_trains_post_trains_and_samples_at_tiny_scale(tmp_path):
     res = train_mse(model, train, val, {**p["mse"], "max_steps": 3}, seed=0, progress=False)
     assert res.steps == 3 and np.isfinite(res.best_val_loss)
 
-    section = {**p["crmse"], "n_chains": 4, "iterations": 4, "eval_every": 2}
+    section = {**p["crmse"], "n_chains": 4, "scout_chains": 4, "iterations": 4, "eval_every": 2}
     cfg = CRMSEConfig.from_params(section, 600.0, seed=0)
     stability, detector = chain_monitors(train, val, p["evaluate"])
     out = train_crmse(model, train, val, cfg, stability, detector, progress=False)
