@@ -39,6 +39,8 @@ def test_repository_params_are_valid():
         (("crmse", "n_chains"), 2.5, r"crmse.n_chains = 2.5.*integer"),
         (("crmse", "ema_decay"), 1.0, r"crmse.ema_decay = 1.0.*<= 0.9999"),
         (("crmse", "spurious_weight"), 0.5, r"crmse.spurious_weight = 0.5.*>= 1"),
+        (("crmse", "scout_temperature_ratio"), 0.8, r"crmse.scout_temperature_ratio = 0.8.*>= 1"),
+        (("crmse", "hole_memory"), -1, r"crmse.hole_memory = -1.*>= 0"),
         (("mse", "lr"), "fast", r"mse.lr = 'fast'"),
         (("mse", "lr"), float("nan"), r"mse.lr = nan"),
         (("data", "variant"), "md22", r"data.variant = 'md22'.*'md17', 'rmd17'"),
@@ -144,3 +146,10 @@ def test_every_molecule_needs_a_per_molecule_entry(params):
     p["per_molecule"] = {"ethanol": {}, "aspirin": {}, "benzol": {}}
     with pytest.raises(ParamsError, match=r"per_molecule.benzol: unknown molecule"):
         validate(p)
+
+
+def test_scouts_without_a_hole_memory_are_refused_up_front(params):
+    bad = copy.deepcopy(params)
+    bad["crmse"]["hole_memory"] = 0
+    with pytest.raises(ParamsError, match="scout_chains > 0 needs crmse.hole_memory > 0"):
+        validate(bad)

@@ -223,6 +223,9 @@ def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, 
             out[name] = _validate_sections(params[name], spec, key + ".")
         else:
             out[name] = _check(key, params[name], spec)
+    crmse = out.get("crmse") if not prefix else None
+    if crmse and crmse["scout_chains"] > 0 and crmse["hole_memory"] == 0:
+        raise ParamsError("params: crmse.scout_chains > 0 needs crmse.hole_memory > 0 (scouts feed only the memory)")
     return out
 
 
