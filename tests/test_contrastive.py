@@ -83,6 +83,11 @@ def _toy_data(n: int, seed: int = 0) -> Frames:
     return Frames(np.array([1, 1]), R, E, F, np.arange(n))
 
 
+def _in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """Spurious-state detector of the toy: the bond is stretched into the well's range."""
+    return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
+
+
 def _cfg(**kw) -> CRMSEConfig:
     base = dict(
         lam=1.0, n_chains=32, steps_per_iter=20, temperature=T_TOY, dt=1.0, friction=0.05, p_reset=0.0,
@@ -217,12 +222,9 @@ def test_selected_weights_come_with_their_own_energy_offset():
 def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_the_well():
     data = _toy_data(128)
 
-    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
-
     model = ToyDiatomic(A=12.0)
     cfg = _cfg(iterations=200, lr=0.1, eval_every=20, select_after=0.0, selection="fewest_chain_failures")
-    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
     failures = {int(r["iteration"]): r["chain_failures"] for r in res.val_log}
     assert max(failures.values()) > 0  # the chains did fall into the well early on
     assert failures[res.selected_iteration] == min(failures.values())
@@ -295,12 +297,9 @@ def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_n
     # λ = 0: MSE cannot see the well (A has no MSE gradient), so only the remembered-hole hinge can raise it.
     data = _toy_data(128)
 
-    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
-
     model = ToyDiatomic(A=12.0)
     cfg = _cfg(lam=0.0, iterations=300, lr=0.05, hole_memory=64, hole_weight=hole_weight)
-    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
     stored = [r["holes_stored"] for r in res.log]
     assert max(stored) > 0  # chains fell into the well and were remembered
     if hole_weight == 0:
@@ -321,13 +320,10 @@ def test_hot_scouts_find_a_hole_behind_a_barrier_the_chains_do_not_cross(scouts)
     # Chains at 100 K do not cross the barrier between the data and the well in 150 iterations; scouts at 300 K do.
     data = _toy_data(128)
 
-    def in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
-
     model = ToyDiatomic(A=12.0)
     cfg = _cfg(lam=0.0, temperature=100.0, iterations=150, lr=0.05, hole_memory=64, scout_chains=scouts,
                scout_temperature_ratio=3.0)
-    res = train_crmse(model, data, data, cfg, spurious=in_well, progress=False)
+    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
     assert sum(r["n_spurious"] for r in res.log) == 0  # the chains themselves never reach the well
     if scouts == 0:
         assert res.log[-1]["holes_stored"] == 0 and model.A.item() == 12.0

@@ -250,10 +250,8 @@ def train_crmse(
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
-    chain_gen = torch.Generator(device=device)
-    chain_gen.manual_seed(cfg.seed + 7919)
+    gen = _generator(device, cfg.seed)
+    chain_gen = _generator(device, cfg.seed + 7919)
     dtype = next(model.parameters()).dtype
     model.to(device).train()
     beta = inverse_temperature(cfg.temperature)
@@ -263,17 +261,16 @@ def train_crmse(
     chains = PersistentChains(model, train_R, atomic_masses(train.z), cfg, stability, chain_gen)
     scouts = None
     if cfg.scout_chains > 0:
-        scout_gen = torch.Generator(device=device)
-        scout_gen.manual_seed(cfg.seed + 15485863)
         scout_cfg = replace(cfg, n_chains=cfg.scout_chains, temperature=cfg.temperature * cfg.scout_temperature_ratio)
-        scouts = PersistentChains(model, train_R, atomic_masses(train.z), scout_cfg, stability, scout_gen)
+        scouts = PersistentChains(
+            model, train_R, atomic_masses(train.z), scout_cfg, stability, _generator(device, cfg.seed + 15485863)
+        )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
     # from step to step; the average is what is validated and selected, the chains follow the live weights.
     ema = _clone_state(model.state_dict()) if cfg.ema_decay > 0 else None
     memory = HoleMemory(cfg.hole_memory, train_R[0]) if cfg.hole_memory > 0 else None
-    memory_gen = torch.Generator(device=device)
-    memory_gen.manual_seed(cfg.seed + 104729)
+    memory_gen = _generator(device, cfg.seed + 104729)
     # The hinge's target: no configuration outside the data's support may be lower than the highest
     # training energy (the DFT audit puts such frames 70-280 kcal/mol above the DFT minimum).
     ceiling = float(np.max(train.E))
@@ -400,6 +397,13 @@ def train_crmse(
     refit_energy_offset(model, train)
     model.eval()
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded random stream on ``device``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
 
 
 def _clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
