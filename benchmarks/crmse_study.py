@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("molecule")
     ap.add_argument("size", type=int)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--variants", nargs="+", default=["default"], help="predefined names or name:key=value,...")
+    ap.add_argument("--variants", nargs="*", default=["default"],
+                    help="predefined names or name:key=value,... (none: only the MSE model)")
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--production-ps", type=float, default=None, help="default: params.yaml md.production_ps")
     ap.add_argument("--analyse-ps", type=float, default=None,
@@ -112,6 +113,9 @@ def main() -> None:
                     help="only recompute the summaries of the named variants' finished runs (with --analyse-ps)")
     ap.add_argument("--skip-mse", action="store_true",
                     help="do not sample the MSE model (its entry from an earlier run with the same settings stands)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse a variant's CRMSE checkpoint left in the scratch folder by an interrupted study "
+                         "(its training statistics are not recorded)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -162,7 +166,12 @@ def main() -> None:
             entry: dict[str, Any] = {"seed": seed, "variant": name, "overrides": over, "T_sample_K": T,
                                      "n_train": len(train), "date": time.strftime("%Y-%m-%d %H:%M"),
                                      "production_ps": md["production_ps"], "analysed_ps": args.analyse_ps}
-            if over is not None:
+            s_dir = scratch / f"s{seed}_{name}"
+            resumed = over is not None and args.resume and (s_dir / "crmse.pt").exists()
+            if resumed:
+                model, _ = load_checkpoint(s_dir / "crmse.pt", device=device)
+                entry["resumed_from"] = str(s_dir / "crmse.pt")
+            elif over is not None:
                 section = {**params["crmse"], **over}
                 t_chain = section["temperature"]
                 t_chain = mse_metrics["T_auto_K"] if t_chain == "auto" else float(t_chain)
@@ -177,8 +186,7 @@ def main() -> None:
                     val_log=res.val_log,
                 )
             model.eval()
-            s_dir = scratch / f"s{seed}_{name}"
-            if over is not None:  # kept for inspection (the pipeline's checkpoint and chain-log formats)
+            if over is not None and not resumed:  # kept for inspection and --resume
                 save_checkpoint(model, s_dir / "crmse.pt", {"study_variant": name, "overrides": over})
                 write_log_csv(s_dir / "crmse_log.csv", res.log, list(res.log[0]))
             err = evaluate_errors(model, test)

@@ -292,13 +292,14 @@ def test_hole_memory_keeps_the_newest_flagged_configurations():
     assert set(drawn.tolist()) == {10.0, 11.0, 12.0}
 
 
-@pytest.mark.parametrize("hole_weight", [0.0, 1.0])
-def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_no_further(hole_weight):
-    # λ = 0: MSE cannot see the well (A has no MSE gradient), so only the remembered-hole hinge can raise it.
+@pytest.mark.parametrize(("hole_weight", "projection"), [(0.0, False), (1.0, False), (1.0, True)])
+def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_no_further(hole_weight, projection):
+    # λ = 0: MSE cannot see the well (A has no MSE gradient), so only the remembered-hole hinge can raise it;
+    # the projection removes only what opposes the fit, which here is nothing.
     data = _toy_data(128)
 
     model = ToyDiatomic(A=12.0)
-    cfg = _cfg(lam=0.0, iterations=300, lr=0.05, hole_memory=64, hole_weight=hole_weight)
+    cfg = _cfg(lam=0.0, iterations=300, lr=0.05, hole_memory=64, hole_weight=hole_weight, hole_projection=projection)
     res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
     stored = [r["holes_stored"] for r in res.log]
     assert max(stored) > 0  # chains fell into the well and were remembered
@@ -332,7 +333,52 @@ def test_hot_scouts_find_a_hole_behind_a_barrier_the_chains_do_not_cross(scouts)
         assert model.A.item() < 9.0  # what the scouts found was lifted
 
 
-def test_scouts_without_a_hole_memory_are_refused():
-    with pytest.raises(ValueError, match="scout_chains > 0 needs hole_memory > 0"):
-        train_crmse(ToyDiatomic(), _toy_data(16), _toy_data(16), _cfg(scout_chains=4), spurious=lambda R, E: E < 0,
+@pytest.mark.parametrize(("what", "kw"), [("scout_chains > 0", {"scout_chains": 4}),
+                                          ("remember_blowups", {"remember_blowups": True})])
+def test_what_feeds_a_hole_memory_is_refused_without_one(what, kw):
+    with pytest.raises(ValueError, match=f"{what} needs hole_memory > 0"):
+        train_crmse(ToyDiatomic(), _toy_data(16), _toy_data(16), _cfg(**kw), spurious=lambda R, E: E < 0,
                     progress=False)
+
+
+@pytest.mark.parametrize("hole_sign", [-1.0, 1.0])
+def test_projected_hole_gradient_never_opposes_the_fit(hole_sign):
+    # Linear losses with known gradients a (fit) and b (hole): a·b < 0 conflicts, a·b > 0 does not.
+    from crmse.contrastive import _combine_hole_gradient
+
+    theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    a = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    b = hole_sign * torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
+    for project in (False, True):
+        stats = _combine_hole_gradient([theta], (a * theta).sum(), (b * theta).sum(), project)
+        assert stats["grad_cos"].item() == pytest.approx((a @ b / (a.norm() * b.norm())).item())
+        if project and hole_sign < 0:
+            # The hole part left is orthogonal to the fit's gradient: its first-order effect on the fit is zero.
+            assert (theta.grad - a) @ a == pytest.approx(0.0, abs=1e-12)
+            assert torch.allclose(theta.grad, a + b - (a @ b) / (a @ a) * a)
+        else:
+            assert torch.allclose(theta.grad, a + b)
+
+
+
+@pytest.mark.parametrize("remember", [False, True])
+def test_blown_up_chains_are_remembered_at_their_last_good_positions(remember):
+    # Tolerance 0.5 Å on the toy bond (σ ≈ 0.2 Å at 400 K; training frames lie within it): chains blow up now
+    # and then. The detector never flags anything, so only blow-ups can fill the memory, and only when asked to.
+    from crmse.langevin import StabilityCheck
+
+    data = _toy_data(64)
+    stability = StabilityCheck([[0, 1]], [1.0], tolerance=0.5)
+    chains = PersistentChains(ToyDiatomic(A=0.0), torch.as_tensor(data.R), masses(data.z), _cfg(n_chains=64),
+                              stability, torch.Generator().manual_seed(0))
+    chains.advance(200)
+    assert int(chains.blown.sum()) > 0
+    r = (chains.blown_R[:, 1] - chains.blown_R[:, 0]).norm(dim=-1)
+    assert bool((r[chains.blown] - 1.0).abs().le(0.5).all())  # frozen one step before the failure
+    assert bool((r[chains.blown] - 1.0).abs().gt(0.3).all())  # ... on its way out, not at a restart frame
+
+    never = lambda R, E: torch.zeros_like(E, dtype=torch.bool)  # noqa: E731
+    cfg = _cfg(lam=0.0, n_chains=64, iterations=20, hole_memory=64, remember_blowups=remember)
+    res = train_crmse(ToyDiatomic(A=0.0), data, data, cfg, stability, spurious=never, progress=False)
+    assert sum(r["blowups"] for r in res.log) > 0
+    assert (res.log[-1]["holes_stored"] > 0) == remember

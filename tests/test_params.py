@@ -41,6 +41,8 @@ def test_repository_params_are_valid():
         (("crmse", "spurious_weight"), 0.5, r"crmse.spurious_weight = 0.5.*>= 1"),
         (("crmse", "scout_temperature_ratio"), 0.8, r"crmse.scout_temperature_ratio = 0.8.*>= 1"),
         (("crmse", "hole_memory"), -1, r"crmse.hole_memory = -1.*>= 0"),
+        (("crmse", "hole_projection"), "yes", r"crmse.hole_projection = 'yes'.*allowed: bool"),
+        (("crmse", "remember_blowups"), 1, r"crmse.remember_blowups = 1.*allowed: bool"),
         (("mse", "lr"), "fast", r"mse.lr = 'fast'"),
         (("mse", "lr"), float("nan"), r"mse.lr = nan"),
         (("data", "variant"), "md22", r"data.variant = 'md22'.*'md17', 'rmd17'"),
@@ -152,4 +154,13 @@ def test_scouts_without_a_hole_memory_are_refused_up_front(params):
     bad = copy.deepcopy(params)
     bad["crmse"]["hole_memory"] = 0
     with pytest.raises(ParamsError, match="scout_chains > 0 needs crmse.hole_memory > 0"):
+        validate(bad)
+
+
+def test_remembering_blowups_without_a_hole_memory_is_refused_up_front(params):
+    bad = copy.deepcopy(params)
+    bad["crmse"]["hole_memory"] = 0
+    bad["crmse"]["scout_chains"] = 0
+    bad["crmse"]["remember_blowups"] = True
+    with pytest.raises(ParamsError, match="remember_blowups needs crmse.hole_memory > 0"):
         validate(bad)

@@ -122,7 +122,9 @@ def make_run(root: Path, crmse_dead: bool = False) -> dict:
     _write_csv(models / "crmse_log.csv", [
         {"iteration": int(i), "l_mse": 3.0 / i + 0.5, "l_c": 0.3 * np.exp(-i / 10), "gap": 0.3 * np.exp(-i / 10),
          "e_data": pool.E.mean() + 0.1, "e_chain": pool.E.mean() - 0.3 * np.exp(-i / 10),
-         "blowups": float(i % 7 == 0), "random_resets": 0.0, "chain_age": float(20 * i), "n_spurious": float(i < 12)}
+         "blowups": float(i % 7 == 0), "random_resets": 0.0, "chain_age": float(20 * i), "n_spurious": float(i < 12),
+         "grad_norm": 50.0 / i + 5, "grad_fit_norm": 40.0 / i + 5, "grad_hole_norm": 60.0 / i,
+         "grad_cos": -0.8 + i / 40}
         for i in its
     ])
     _write_csv(models / "crmse_val.csv", [
@@ -262,7 +264,7 @@ def test_every_figure_survives_a_model_without_valid_frames(tmp_path):
     assert run.occupancy()["crmse"].worst is None and run.occupancy()["crmse"].n_entered == 0
     figs = {name: getattr(report, f"fig_{name}")(run) for name in (
         "temperatures", "spurious", "worst", "stability", "energy", "hr", "dihedrals", "parity", "training",
-        "chains", "audit")}
+        "chains", "hole_gradient", "audit")}
     assert figs.pop("audit") is None
     for name, fig in figs.items():
         assert report.figure_png(fig).startswith(b"\x89PNG"), name
@@ -412,3 +414,11 @@ def test_temperature_ablation_run_is_evaluated_reported_and_indexed_beside_the_m
     links = re.findall(r'<a href="([^"]+)">', index)
     assert sorted(links) == sorted([f"{MOL}/n{SIZE}/s{SEED}.html", f"{MOL}/n{SIZE}/s{SEED}/T500.html"])
     assert report.AUTO_GROUP in index and "T = 500 K" in index
+
+
+def test_hole_gradient_figure_needs_a_hole_memory(project):
+    root, _ = project
+    run = report.load_run(root, MOL, SIZE, SEED)
+    assert report.fig_hole_gradient(run) is not None
+    run.crmse_log = run.crmse_log.drop(columns=["grad_cos", "grad_fit_norm", "grad_hole_norm"])  # hole_memory: 0
+    assert report.fig_hole_gradient(run) is None

@@ -25,6 +25,13 @@ met in ~10 ps. ``scout_chains`` > 0 adds chains at ``scout_temperature_ratio``·
 feed the memory: hotter chains cross the barriers into holes far sooner, and since they never
 enter L_C they do not change the temperature the KL term is taken at.
 
+Raising holes fights the fit: on ethanol the hinge's θ-gradient pointed against that of L_MSE + λ·L_C
+(cosine −0.8 while the memory filled, −0.2 late in the run), and the validation force MAE rose by 15 %
+before it recovered. ``hole_projection`` removes the hinge gradient's component along the fit gradient
+when the two conflict (PCGrad, Yu et al. 2020): the hole is raised only in directions that do not
+undo the fit to first order. ``remember_blowups`` also stores where chains blew up (their last good
+positions): a bond 0.5 Å off its mean lies far above the data's energy range on the true surface.
+
 L_C is blind to a constant energy offset, and ρ_E = 0.01 barely holds one, so the
 prototype lost energy accuracy to a drifting constant. A constant changes neither forces
 nor p_θ, so it is re-fitted in closed form (mean residual on the training energies)
@@ -82,6 +89,8 @@ class CRMSEConfig:
     hole_weight: float = 1.0
     scout_chains: int = 0
     scout_temperature_ratio: float = 1.5
+    hole_projection: bool = False
+    remember_blowups: bool = False
     seed: int = 0
 
     @classmethod
@@ -195,10 +204,15 @@ class PersistentChains:
         return self.train_R[idx]
 
     def advance(self, n_steps: int) -> dict[str, Tensor]:
-        """K Langevin steps, then restarts; returns device scalars (blow-ups, random resets, mean age in steps)."""
+        """K Langevin steps, then restarts; returns device scalars (blow-ups, random resets, mean age in steps).
+
+        ``self.blown`` (M,) and ``self.blown_R`` (M, n, 3) keep which chains blew up in this call and their
+        last good positions (the engine freezes a failing chain one step before the failure), for the hole memory.
+        """
         self.engine.step(self.state, n_steps)
         self.age += n_steps
         dead = ~self.state.alive
+        self.blown, self.blown_R = dead, self.state.R.clone()
         rand = torch.rand(len(dead), generator=self.generator, device=dead.device) < self.p_reset
         reset = dead | rand
         # One host sync per iteration (not per step): skip the extra model evaluation when nothing restarts.
@@ -247,6 +261,8 @@ def train_crmse(
         raise ValueError("hole_memory > 0 needs a spurious-state detector (crmse.contrastive.chain_monitors)")
     if cfg.scout_chains > 0 and cfg.hole_memory == 0:
         raise ValueError("scout_chains > 0 needs hole_memory > 0: scouts only feed the hole memory")
+    if cfg.remember_blowups and cfg.hole_memory == 0:
+        raise ValueError("remember_blowups needs hole_memory > 0: blow-ups are kept in the hole memory")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
@@ -265,7 +281,8 @@ def train_crmse(
         scouts = PersistentChains(
             model, train_R, atomic_masses(train.z), scout_cfg, stability, _generator(device, cfg.seed + 15485863)
         )
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
     # from step to step; the average is what is validated and selected, the chains follow the live weights.
     ema = _clone_state(model.state_dict()) if cfg.ema_decay > 0 else None
@@ -298,15 +315,21 @@ def train_crmse(
             weights = torch.where(flagged, cfg.spurious_weight, weights)
         l_c, E_chain = contrastive_loss(E_data, model, chains.state.R, beta, weights, chains.prune)
         loss = l_mse + cfg.lam * l_c
-        if memory is not None:
+        if memory is None:
+            loss.backward()
+        else:
             memory.add(chains.state.R, flagged)
             if scouts is not None:
                 scout_flagged = spurious(scouts.state.R, scouts.state.E) & scouts.state.alive
                 memory.add(scouts.state.R, scout_flagged)
+            if cfg.remember_blowups:
+                # A bond 0.5 Å off its mean is twice the largest deviation in any DFT frame: far above the
+                # data's energy range on the true surface, so the hinge may hold it there too.
+                for c in (chains, scouts) if scouts is not None else (chains,):
+                    memory.add(c.blown_R, c.blown)
             l_h, holes_below = hole_loss(model, memory, ceiling, beta, cfg.n_chains, memory_gen, chains.prune)
-            loss = loss + cfg.hole_weight * l_h
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_stats = _combine_hole_gradient(params, loss, cfg.hole_weight * l_h, cfg.hole_projection)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if ema is not None:
             with torch.no_grad():
@@ -326,8 +349,10 @@ def train_crmse(
         }
         if flagged is not None:
             row["n_spurious"] = flagged.sum()
+        row["grad_norm"] = grad_norm.detach()
         if memory is not None:
-            row.update(l_hole=l_h.detach(), holes_stored=memory.count, holes_below_ceiling=holes_below.detach())
+            row.update(l_hole=l_h.detach(), holes_stored=memory.count, holes_below_ceiling=holes_below.detach(),
+                       **grad_stats)
         if scouts is not None:
             row.update(scout_spurious=scout_flagged.sum(), scout_blowups=scout_stats["blowups"])
         if hasattr(spurious, "min_nonbonded_distance"):  # a SpuriousDetector: how close the closest pair gets
@@ -397,6 +422,30 @@ def train_crmse(
     refit_energy_offset(model, train)
     model.eval()
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
+
+
+def _combine_hole_gradient(params: list[Tensor], loss: Tensor, hole_term: Tensor, project: bool) -> dict[str, Tensor]:
+    """Set ``p.grad`` to ∇(loss) + ∇(hole_term); with ``project`` the hole gradient's component against
+    ∇(loss) is removed first (PCGrad, Yu et al. 2020), so raising holes never raises the fit's loss to first order.
+
+    Returns device scalars: both gradient norms and their cosine (before any projection).
+    """
+    g_fit = torch.autograd.grad(loss, params, allow_unused=True)
+    g_hole = torch.autograd.grad(hole_term, params, allow_unused=True)
+    g_fit = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_fit, strict=True)]
+    g_hole = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_hole, strict=True)]
+    dot = sum((a * b).sum() for a, b in zip(g_fit, g_hole, strict=True))
+    fit_sq = sum((a * a).sum() for a in g_fit)
+    hole_sq = sum((b * b).sum() for b in g_hole)
+    # Only a conflicting hole gradient (dot < 0) is projected; computed on the device, no host sync.
+    coef = dot.clamp(max=0.0) / fit_sq.clamp_min(1e-30) if project else torch.zeros_like(dot)
+    for p, a, b in zip(params, g_fit, g_hole, strict=True):
+        p.grad = a + b - coef * a
+    return {
+        "grad_fit_norm": fit_sq.sqrt(),
+        "grad_hole_norm": hole_sq.sqrt(),
+        "grad_cos": dot / (fit_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30),
+    }
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -122,6 +122,8 @@ SCHEMA: dict[str, Any] = {
         "hole_weight": _nonneg("float"),
         "scout_chains": _nonneg(),
         "scout_temperature_ratio": Field("float", 1.0),
+        "hole_projection": Field("bool"),
+        "remember_blowups": Field("bool"),
     },
     "md": {
         "temperature": TEMPERATURE,
@@ -226,6 +228,8 @@ def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, 
     crmse = out.get("crmse") if not prefix else None
     if crmse and crmse["scout_chains"] > 0 and crmse["hole_memory"] == 0:
         raise ParamsError("params: crmse.scout_chains > 0 needs crmse.hole_memory > 0 (scouts feed only the memory)")
+    if crmse and crmse["remember_blowups"] and crmse["hole_memory"] == 0:
+        raise ParamsError("params: crmse.remember_blowups needs crmse.hole_memory > 0 (blow-ups are kept there)")
     return out
 
 

@@ -52,7 +52,7 @@ DPI = 100
 #: Figure keys of the per-run report, in order (each appears as ``<figure id="fig-<key>">`` in the HTML).
 RUN_FIGURES = (
     "temperature", "spurious", "worst", "stability", "energy", "hr", "dihedral", "parity", "training", "chains",
-    "audit",
+    "hole-gradient", "audit",
 )
 
 #: What the MD17 test MAE does and does not say (a property of the data set, shown in every report).
@@ -1101,6 +1101,37 @@ def fig_chains(run: RunData) -> Figure:
     ax.set_title("Chain persistence")
     fig.suptitle(f"CRMSE chains: {cp.get('n_chains')} persistent chains, {cp.get('steps_per_iter')} Langevin steps "
                  f"per iteration at T_chain = {fmt(_num(run.crmse_metrics.get('T_chain_K')), 0)} K")
+    return fig
+
+
+def fig_hole_gradient(run: RunData) -> Figure | None:
+    """The remembered-hole hinge against the fit: gradient cosine and norms per iteration; None without a memory."""
+    C = run.crmse_log
+    if "grad_cos" not in C:
+        return None
+    it, n = C["iteration"], len(C)
+    projected = bool(run.params["crmse"].get("hole_projection"))
+    fig, axes = new_figure(1, 2, 13, 4.2)
+    ax = axes[0, 0]
+    ax.plot(it, C["grad_cos"], color="#bbbbbb", lw=0.6, label="per iteration")
+    ax.plot(it, _rolling(C["grad_cos"], n), color=COLORS["crmse"], lw=1.8, label="running mean")
+    ax.axhline(0, color=COLORS["reference"], lw=1)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("CRMSE iteration")
+    ax.set_ylabel("cos(∇L_H, ∇(L_MSE + λ·L_C))")
+    ax.set_title("Hinge vs fit: < 0 means raising holes undoes the fit"
+                 + (" (that part projected out)" if projected else ""))
+    _legend(ax)
+    ax = axes[0, 1]
+    ax.plot(it, _rolling(C["grad_fit_norm"], n), color=COLORS["mse"], lw=1.8, label="fit: L_MSE + λ·L_C")
+    ax.plot(it, _rolling(C["grad_hole_norm"], n), color="#7030a0", lw=1.8, label="hinge: μ·L_H")
+    if "grad_norm" in C:
+        ax.plot(it, _rolling(C["grad_norm"], n), color=FLOOR_COLOR, lw=1.5, ls="--", label="applied, before clipping")
+    ax.set_yscale("log")
+    ax.set_xlabel("CRMSE iteration")
+    ax.set_ylabel("gradient norm (running mean)")
+    ax.set_title("Gradient norms")
+    _legend(ax)
     return fig
 
 

@@ -189,7 +189,9 @@ def train_mse(
     best_mean = model.mean
     t0 = time.perf_counter()
     train_time, frames_seen, steps = 0.0, 0, 0
-    bar = tqdm(range(1, int(mse["max_epochs"]) + 1), desc="mse", unit="epoch", disable=not progress)
+    # The step budget usually ends training first: size the bar by whichever limit comes first.
+    bar = tqdm(range(1, int(mse["max_epochs"]) + 1), desc="mse", unit="epoch", disable=not progress,
+               total=min(int(mse["max_epochs"]), math.ceil(max_steps / n_batches)))
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(train), generator=shuffle).to(dev)
