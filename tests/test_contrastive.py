@@ -360,7 +360,6 @@ def test_projected_hole_gradient_never_opposes_the_fit(hole_sign):
             assert torch.allclose(theta.grad, a + b)
 
 
-
 @pytest.mark.parametrize("remember", [False, True])
 def test_blown_up_chains_are_remembered_at_their_last_good_positions(remember):
     # Tolerance 0.5 Å on the toy bond (σ ≈ 0.2 Å at 400 K; training frames lie within it): chains blow up now
@@ -369,8 +368,8 @@ def test_blown_up_chains_are_remembered_at_their_last_good_positions(remember):
 
     data = _toy_data(64)
     stability = StabilityCheck([[0, 1]], [1.0], tolerance=0.5)
-    chains = PersistentChains(ToyDiatomic(A=0.0), torch.as_tensor(data.R), masses(data.z), _cfg(n_chains=64),
-                              stability, torch.Generator().manual_seed(0))
+    chains = PersistentChains(ToyDiatomic(A=0.0), torch.as_tensor(data.R), masses(data.z),
+                              _cfg(n_chains=64, remember_blowups=True), stability, torch.Generator().manual_seed(0))
     chains.advance(200)
     assert int(chains.blown.sum()) > 0
     r = (chains.blown_R[:, 1] - chains.blown_R[:, 0]).norm(dim=-1)

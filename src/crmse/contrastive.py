@@ -182,6 +182,7 @@ class PersistentChains:
         # Dropping pairs beyond the cutoff costs a host sync per step: worth it on a CPU only.
         self.prune = train_R.device.type == "cpu"
         self.p_reset = cfg.p_reset
+        self.remember_blowups = cfg.remember_blowups
         self.generator = generator
         self.engine = Langevin(
             self._energy_forces,
@@ -206,13 +207,15 @@ class PersistentChains:
     def advance(self, n_steps: int) -> dict[str, Tensor]:
         """K Langevin steps, then restarts; returns device scalars (blow-ups, random resets, mean age in steps).
 
-        ``self.blown`` (M,) and ``self.blown_R`` (M, n, 3) keep which chains blew up in this call and their
-        last good positions (the engine freezes a failing chain one step before the failure), for the hole memory.
+        With ``remember_blowups``, ``self.blown`` (M,) and ``self.blown_R`` (M, n, 3) keep which chains blew up
+        in this call and their last good positions (the engine freezes a failing chain one step before the
+        failure), for the hole memory.
         """
         self.engine.step(self.state, n_steps)
         self.age += n_steps
         dead = ~self.state.alive
-        self.blown, self.blown_R = dead, self.state.R.clone()
+        if self.remember_blowups:  # the reset below overwrites the positions
+            self.blown, self.blown_R = dead, self.state.R.clone()
         rand = torch.rand(len(dead), generator=self.generator, device=dead.device) < self.p_reset
         reset = dead | rand
         # One host sync per iteration (not per step): skip the extra model evaluation when nothing restarts.
@@ -259,10 +262,9 @@ def train_crmse(
         raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: {', '.join(map(repr, SELECTION_RULES))}")
     if cfg.hole_memory > 0 and spurious is None:
         raise ValueError("hole_memory > 0 needs a spurious-state detector (crmse.contrastive.chain_monitors)")
-    if cfg.scout_chains > 0 and cfg.hole_memory == 0:
-        raise ValueError("scout_chains > 0 needs hole_memory > 0: scouts only feed the hole memory")
-    if cfg.remember_blowups and cfg.hole_memory == 0:
-        raise ValueError("remember_blowups needs hole_memory > 0: blow-ups are kept in the hole memory")
+    for feeds_memory, what in ((cfg.scout_chains > 0, "scout_chains > 0"), (cfg.remember_blowups, "remember_blowups")):
+        if feeds_memory and cfg.hole_memory == 0:
+            raise ValueError(f"{what} needs hole_memory > 0: it only feeds the hole memory")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     # Separate streams: what the chains do (resets, noise) never changes which batches are drawn.
@@ -281,6 +283,7 @@ def train_crmse(
         scouts = PersistentChains(
             model, train_R, atomic_masses(train.z), scout_cfg, stability, _generator(device, cfg.seed + 15485863)
         )
+    chain_sets = [chains] if scouts is None else [chains, scouts]  # what feeds the hole memory
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     # Polyak average of the weights (ema_decay > 0): L_C's sampling noise jitters relative energies
@@ -325,7 +328,7 @@ def train_crmse(
             if cfg.remember_blowups:
                 # A bond 0.5 Å off its mean is twice the largest deviation in any DFT frame: far above the
                 # data's energy range on the true surface, so the hinge may hold it there too.
-                for c in (chains, scouts) if scouts is not None else (chains,):
+                for c in chain_sets:
                     memory.add(c.blown_R, c.blown)
             l_h, holes_below = hole_loss(model, memory, ceiling, beta, cfg.n_chains, memory_gen, chains.prune)
             grad_stats = _combine_hole_gradient(params, loss, cfg.hole_weight * l_h, cfg.hole_projection)

@@ -226,10 +226,11 @@ def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, 
         else:
             out[name] = _check(key, params[name], spec)
     crmse = out.get("crmse") if not prefix else None
-    if crmse and crmse["scout_chains"] > 0 and crmse["hole_memory"] == 0:
-        raise ParamsError("params: crmse.scout_chains > 0 needs crmse.hole_memory > 0 (scouts feed only the memory)")
-    if crmse and crmse["remember_blowups"] and crmse["hole_memory"] == 0:
-        raise ParamsError("params: crmse.remember_blowups needs crmse.hole_memory > 0 (blow-ups are kept there)")
+    if crmse and crmse["hole_memory"] == 0:
+        feeders = (("scout_chains > 0", crmse["scout_chains"] > 0), ("remember_blowups", crmse["remember_blowups"]))
+        for what, feeds_memory in feeders:
+            if feeds_memory:
+                raise ParamsError(f"params: crmse.{what} needs crmse.hole_memory > 0 (it only feeds the memory)")
     return out
 
 
