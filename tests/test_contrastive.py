@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,33 @@ def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_t
     assert forces[res.selected_iteration] == min(forces[it] for it in ties)  # ties broken by validation forces
     assert "fewest chain failures" in res.selection_note
     torch.testing.assert_close(model.A.detach(), res.state_dict["A"])  # the model holds the selected weights
+
+
+@pytest.mark.parametrize(
+    ("max_energy_rise", "selected", "note"),
+    [
+        (math.inf, 30, "best validation force MAE after"),
+        (0.1, 20, "validation energy MAE <= 1.100 kcal/mol"),  # 30 and 40 have the better forces, worse energies
+        (0.0, 60, "last iteration: no evaluation"),  # every evaluation is above the starting model's energy MAE
+    ],
+)
+def test_selection_skips_checkpoints_whose_energy_error_rose(monkeypatch, max_energy_rise, selected, note):
+    import crmse.contrastive as contrastive
+
+    # Validation errors (energy MAE, force MAE) of the starting model, then of iterations 10, 20, ..., 60.
+    scripted = iter([(1.0, 9.9), (1.05, 3.0), (1.02, 2.5), (1.30, 2.0), (1.20, 2.2), (1.09, 2.6), (1.5, 2.1)])
+    if not math.isfinite(max_energy_rise):
+        next(scripted)  # no guard: the starting model is not evaluated
+    monkeypatch.setattr(
+        contrastive, "evaluate_errors",
+        lambda *a, **k: dict(zip(("energy_mae", "force_mae"), next(scripted), strict=True)),
+    )
+    data = _toy_data(32)
+    cfg = _cfg(iterations=60, eval_every=10, select_after=0.0, selection="best_val_forces",
+               max_energy_rise=max_energy_rise)
+    res = train_crmse(ToyDiatomic(A=0.0), data, data, cfg, progress=False)
+    assert res.selected_iteration == selected
+    assert note in res.selection_note
 
 
 def test_flagged_chains_enter_the_chain_mean_with_spurious_weight(monkeypatch):

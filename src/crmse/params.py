@@ -114,6 +114,7 @@ SCHEMA: dict[str, Any] = {
         "eval_every": Field("int", 1),
         "grad_clip": _pos(),
         "max_gap": _pos(),
+        "max_energy_rise": _nonneg("float"),
         "selection": Field("str", choices=SELECTION_RULES),
         "select_after": _prob(),
         "spurious_weight": Field("float", 1.0),
