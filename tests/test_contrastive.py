@@ -389,6 +389,33 @@ def test_projected_hole_gradient_never_opposes_the_fit(hole_sign):
             assert torch.allclose(theta.grad, a + b)
 
 
+def test_energy_projection_leaves_a_hole_gradient_that_never_opposes_the_energy_term():
+    # fit = energy term e + force term f; the hole gradient b agrees with the fit (no first projection) but
+    # opposes e, the direction that would bend relative energies inside the data's range.
+    from crmse.contrastive import _combine_hole_gradient
+
+    theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    e = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    f = torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([-2.0, 3.0, 1.0], dtype=torch.float64)
+    fit = (e * theta).sum() + (f * theta).sum()
+    assert (e + f) @ b > 0 and e @ b < 0
+    stats = _combine_hole_gradient([theta], fit, (b * theta).sum(), True, (e * theta).sum())
+    hole_left = theta.grad - (e + f)
+    assert hole_left @ e == pytest.approx(0.0, abs=1e-12)  # the energy term's first-order change is zero
+    assert torch.allclose(hole_left, torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64))
+    assert stats["grad_cos_energy"].item() == pytest.approx((e @ b / (e.norm() * b.norm())).item())
+    theta.grad = None
+    _combine_hole_gradient([theta], (e * theta).sum() + (f * theta).sum(), (b * theta).sum(), True)
+    assert torch.allclose(theta.grad, e + f + b)  # without it the hole gradient passes unchanged
+
+
+def test_energy_projection_without_hole_projection_is_refused():
+    with pytest.raises(ValueError, match="energy_projection needs hole_projection"):
+        train_crmse(ToyDiatomic(), _toy_data(8), _toy_data(8), _cfg(hole_memory=4, energy_projection=True),
+                    spurious=_in_well, progress=False)
+
+
 @pytest.mark.parametrize("remember", [False, True])
 def test_blown_up_chains_are_remembered_at_their_last_good_positions(remember):
     # Tolerance 0.5 Å on the toy bond (σ ≈ 0.2 Å at 400 K; training frames lie within it): chains blow up now

@@ -164,3 +164,11 @@ def test_remembering_blowups_without_a_hole_memory_is_refused_up_front(params):
     bad["crmse"]["remember_blowups"] = True
     with pytest.raises(ParamsError, match="remember_blowups needs crmse.hole_memory > 0"):
         validate(bad)
+
+
+def test_energy_projection_without_hole_projection_is_refused_up_front(params):
+    bad = copy.deepcopy(params)
+    bad["crmse"]["hole_projection"] = False
+    bad["crmse"]["energy_projection"] = True
+    with pytest.raises(ParamsError, match="energy_projection needs crmse.hole_projection"):
+        validate(bad)

@@ -419,6 +419,8 @@ def test_temperature_ablation_run_is_evaluated_reported_and_indexed_beside_the_m
 def test_hole_gradient_figure_needs_a_hole_memory(project):
     root, _ = project
     run = report.load_run(root, MOL, SIZE, SEED)
-    assert report.fig_hole_gradient(run) is not None
+    n_lines = len(report.fig_hole_gradient(run).axes[0].lines)
+    run.crmse_log["grad_cos_energy"] = -run.crmse_log["grad_cos"]  # what crmse.energy_projection logs as well
+    assert len(report.fig_hole_gradient(run).axes[0].lines) == n_lines + 1
     run.crmse_log = run.crmse_log.drop(columns=["grad_cos", "grad_fit_norm", "grad_hole_norm"])  # hole_memory: 0
     assert report.fig_hole_gradient(run) is None

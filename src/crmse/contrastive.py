@@ -29,7 +29,10 @@ Raising holes fights the fit: on ethanol the hinge's θ-gradient pointed against
 (cosine −0.8 while the memory filled, −0.2 late in the run), and the validation force MAE rose by 15 %
 before it recovered. ``hole_projection`` removes the hinge gradient's component along the fit gradient
 when the two conflict (PCGrad, Yu et al. 2020): the hole is raised only in directions that do not
-undo the fit to first order. ``remember_blowups`` also stores where chains blew up (their last good
+undo the fit to first order. The fit's gradient is mostly the force term's (ρ_F = 0.99), so a projected hinge
+can still bend relative energies inside the data's range (aspirin s3: validation energy MAE 1.23 → 2.07 kcal/mol
+while the hinge was large); ``energy_projection`` then also removes its component against the energy term's
+gradient ρ_E·∇MSE_E. ``remember_blowups`` also stores where chains blew up (their last good
 positions): a bond 0.5 Å off its mean lies far above the data's energy range on the true surface.
 
 L_C is blind to a constant energy offset, and ρ_E = 0.01 barely holds one, so the
@@ -92,6 +95,7 @@ class CRMSEConfig:
     scout_chains: int = 0
     scout_temperature_ratio: float = 1.5
     hole_projection: bool = False
+    energy_projection: bool = False
     remember_blowups: bool = False
     seed: int = 0
 
@@ -265,6 +269,8 @@ def train_crmse(
         raise ValueError(f"unknown selection rule {cfg.selection!r}; allowed: {', '.join(map(repr, SELECTION_RULES))}")
     if cfg.hole_memory > 0 and spurious is None:
         raise ValueError("hole_memory > 0 needs a spurious-state detector (crmse.contrastive.chain_monitors)")
+    if cfg.energy_projection and not cfg.hole_projection:
+        raise ValueError("energy_projection needs hole_projection: it is a second projection of the hinge gradient")
     for feeds_memory, what in ((cfg.scout_chains > 0, "scout_chains > 0"), (cfg.remember_blowups, "remember_blowups")):
         if feeds_memory and cfg.hole_memory == 0:
             raise ValueError(f"{what} needs hole_memory > 0: it only feeds the hole memory")
@@ -320,7 +326,7 @@ def train_crmse(
         idx = torch.randint(len(train_R), (min(cfg.batch_size, len(train_R)),), generator=gen, device=device)
         opt.zero_grad(set_to_none=True)
         E_data, F_data = model.energy_and_forces(train_R[idx], create_graph=True, prune=chains.prune)
-        l_mse, _, _ = mse_loss(E_data, F_data, train_E[idx], train_F[idx], cfg.rho_energy, cfg.rho_forces)
+        l_mse, e_mse, _ = mse_loss(E_data, F_data, train_E[idx], train_F[idx], cfg.rho_energy, cfg.rho_forces)
         weights = chains.state.alive.to(dtype)
         flagged = None
         if spurious is not None:
@@ -343,7 +349,8 @@ def train_crmse(
                 for c in chain_sets:
                     memory.add(c.blown_R, c.blown)
             l_h, holes_below = hole_loss(model, memory, ceiling, beta, cfg.n_chains, memory_gen, chains.prune)
-            grad_stats = _combine_hole_gradient(params, loss, cfg.hole_weight * l_h, cfg.hole_projection)
+            protect = cfg.rho_energy * e_mse if cfg.energy_projection else None
+            grad_stats = _combine_hole_gradient(params, loss, cfg.hole_weight * l_h, cfg.hole_projection, protect)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         if ema is not None:
@@ -441,28 +448,43 @@ def train_crmse(
     return CRMSEResult(state, selected, note, log, val_log, cfg.temperature, time.perf_counter() - start)
 
 
-def _combine_hole_gradient(params: list[Tensor], loss: Tensor, hole_term: Tensor, project: bool) -> dict[str, Tensor]:
+def _combine_hole_gradient(
+    params: list[Tensor], loss: Tensor, hole_term: Tensor, project: bool, protect: Tensor | None = None
+) -> dict[str, Tensor]:
     """Set ``p.grad`` to ∇(loss) + ∇(hole_term); with ``project`` the hole gradient's component against
     ∇(loss) is removed first (PCGrad, Yu et al. 2020), so raising holes never raises the fit's loss to first order.
 
-    Returns device scalars: both gradient norms and their cosine (before any projection).
+    ``protect`` (a part of ``loss``, e.g. its energy term) adds a second projection, applied after the first as
+    PCGrad does: the hole part left never opposes ∇(protect); it can oppose ∇(loss) again only through the overlap
+    of the two gradients. Returns device scalars: the gradient norms and cosines (before any projection).
     """
-    g_fit = torch.autograd.grad(loss, params, allow_unused=True)
-    g_hole = torch.autograd.grad(hole_term, params, allow_unused=True)
-    g_fit = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_fit, strict=True)]
-    g_hole = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_hole, strict=True)]
-    dot = sum((a * b).sum() for a, b in zip(g_fit, g_hole, strict=True))
-    fit_sq = sum((a * a).sum() for a in g_fit)
-    hole_sq = sum((b * b).sum() for b in g_hole)
-    # Only a conflicting hole gradient (dot < 0) is projected; computed on the device, no host sync.
-    coef = dot.clamp(max=0.0) / fit_sq.clamp_min(1e-30) if project else torch.zeros_like(dot)
-    for p, a, b in zip(params, g_fit, g_hole, strict=True):
-        p.grad = a + b - coef * a
-    return {
+    def grads(term: Tensor, retain: bool = False) -> list[Tensor]:
+        g = torch.autograd.grad(term, params, allow_unused=True, retain_graph=retain)
+        return [torch.zeros_like(p) if x is None else x for p, x in zip(params, g, strict=True)]
+
+    def dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
+        return sum((a * b).sum() for a, b in zip(u, v, strict=True))
+
+    g_protect = grads(protect, retain=True) if project and protect is not None else None  # shares the fit's graph
+    g_fit, g_hole = grads(loss), grads(hole_term)
+    fit_sq, hole_sq, fit_hole = dot(g_fit, g_fit), dot(g_hole, g_hole), dot(g_fit, g_hole)
+    stats = {
         "grad_fit_norm": fit_sq.sqrt(),
         "grad_hole_norm": hole_sq.sqrt(),
-        "grad_cos": dot / (fit_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30),
+        "grad_cos": fit_hole / (fit_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30),
     }
+    h = g_hole
+    if project:
+        # Only a conflicting hole gradient (dot < 0) is projected; computed on the device, no host sync.
+        for g in [g_fit] if g_protect is None else [g_fit, g_protect]:
+            coef = dot(g, h).clamp(max=0.0) / dot(g, g).clamp_min(1e-30)
+            h = [b - coef * a for a, b in zip(g, h, strict=True)]
+    if g_protect is not None:
+        p_sq = dot(g_protect, g_protect)
+        stats["grad_cos_energy"] = dot(g_protect, g_hole) / (p_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30)
+    for p, a, b in zip(params, g_fit, h, strict=True):
+        p.grad = a + b
+    return stats
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

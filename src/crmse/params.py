@@ -124,6 +124,7 @@ SCHEMA: dict[str, Any] = {
         "scout_chains": _nonneg(),
         "scout_temperature_ratio": Field("float", 1.0),
         "hole_projection": Field("bool"),
+        "energy_projection": Field("bool"),
         "remember_blowups": Field("bool"),
     },
     "md": {
@@ -232,6 +233,8 @@ def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, 
         for what, feeds_memory in feeders:
             if feeds_memory:
                 raise ParamsError(f"params: crmse.{what} needs crmse.hole_memory > 0 (it only feeds the memory)")
+    if crmse and crmse["energy_projection"] and not crmse["hole_projection"]:
+        raise ParamsError("params: crmse.energy_projection needs crmse.hole_projection (it is a second projection)")
     return out
 
 

@@ -1115,6 +1115,8 @@ def fig_hole_gradient(run: RunData) -> Figure | None:
     ax = axes[0, 0]
     ax.plot(it, C["grad_cos"], color="#bbbbbb", lw=0.6, label="per iteration")
     ax.plot(it, _rolling(C["grad_cos"], n), color=COLORS["crmse"], lw=1.8, label="running mean")
+    if "grad_cos_energy" in C:  # crmse.energy_projection: the energy term's gradient, projected against too
+        ax.plot(it, _rolling(C["grad_cos_energy"], n), color="#7030a0", lw=1.5, label="vs energy term ρ_E·∇MSE_E")
     ax.axhline(0, color=COLORS["reference"], lw=1)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("CRMSE iteration")
