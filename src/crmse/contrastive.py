@@ -473,15 +473,19 @@ def _combine_hole_gradient(
         "grad_hole_norm": hole_sq.sqrt(),
         "grad_cos": fit_hole / (fit_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30),
     }
-    h = g_hole
-    if project:
+    if g_protect is None:
         # Only a conflicting hole gradient (dot < 0) is projected; computed on the device, no host sync.
-        for g in [g_fit] if g_protect is None else [g_fit, g_protect]:
-            coef = dot(g, h).clamp(max=0.0) / dot(g, g).clamp_min(1e-30)
-            h = [b - coef * a for a, b in zip(g, h, strict=True)]
-    if g_protect is not None:
-        p_sq = dot(g_protect, g_protect)
-        stats["grad_cos_energy"] = dot(g_protect, g_hole) / (p_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30)
+        # (This expression, not the loop below, so that runs without energy_projection keep their numbers to the bit.)
+        coef = fit_hole.clamp(max=0.0) / fit_sq.clamp_min(1e-30) if project else torch.zeros_like(fit_hole)
+        for p, a, b in zip(params, g_fit, g_hole, strict=True):
+            p.grad = a + b - coef * a
+        return stats
+    protect_sq = dot(g_protect, g_protect)
+    stats["grad_cos_energy"] = dot(g_protect, g_hole) / (protect_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30)
+    h = g_hole
+    for g in (g_fit, g_protect):
+        coef = dot(g, h).clamp(max=0.0) / dot(g, g).clamp_min(1e-30)
+        h = [b - coef * a for a, b in zip(g, h, strict=True)]
     for p, a, b in zip(params, g_fit, h, strict=True):
         p.grad = a + b
     return stats
