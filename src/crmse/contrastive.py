@@ -482,10 +482,11 @@ def _combine_hole_gradient(
         return stats
     protect_sq = dot(g_protect, g_protect)
     stats["grad_cos_energy"] = dot(g_protect, g_hole) / (protect_sq.sqrt() * hole_sq.sqrt()).clamp_min(1e-30)
-    h = g_hole
-    for g in (g_fit, g_protect):
-        coef = dot(g, h).clamp(max=0.0) / dot(g, g).clamp_min(1e-30)
-        h = [b - coef * a for a, b in zip(g, h, strict=True)]
+    # The same conflict-only projection twice: off the fit's gradient, then off the energy term's.
+    coef = fit_hole.clamp(max=0.0) / fit_sq.clamp_min(1e-30)
+    h = [b - coef * a for a, b in zip(g_fit, g_hole, strict=True)]
+    coef = dot(g_protect, h).clamp(max=0.0) / protect_sq.clamp_min(1e-30)
+    h = [b - coef * a for a, b in zip(g_protect, h, strict=True)]
     for p, a, b in zip(params, g_fit, h, strict=True):
         p.grad = a + b
     return stats
