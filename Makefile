@@ -12,8 +12,8 @@ export PYTHONHASHSEED := 0
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning made torch steps 10-50x slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-# schnetpack 2.2 declares Python >= 3.12 but runs on 3.11; on 3.11 install its
-# dependencies explicitly and schnetpack itself with --no-deps (DESIGN.md §6).
+# schnetpack 2.2 declares Python >= 3.12 but runs on 3.11 (2.1.1 pins old sympy and torch);
+# on 3.11 install its dependencies explicitly and schnetpack itself with --no-deps.
 SPK_DEPS := "numpy>=2,<2.5" "sympy>=1.13" ase h5py pyyaml "hydra-core>=1.1" "pytorch_lightning>=2" \
 	torchmetrics hydra-colorlog rich fasteners dirsync torch-ema "matscipy>=1.1" tqdm progressbar petname vesin
 

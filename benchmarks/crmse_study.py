@@ -2,14 +2,20 @@
 
 For each seed the pipeline's split and MSE checkpoint are used as they are (run
 ``dvc repro pretrain@<molecule>-<size>-<seed>`` first). The MSE model is sampled once; every
-variant is CRMSE started from the same MSE weights with params.yaml's ``crmse`` section plus the
+variant is one post-training arm (``--arm``, default crmse_memory; a variant may set ``arm=crmse``)
+started from the same MSE weights with params.yaml's ``crmse`` (and ``crmse_memory``) sections plus the
 variant's overrides, then sampled with identical settings (same seed: same start frames, same
 thermostat noise). Observables are the evaluate stage's (``crmse.evaluate.sample_observables``)
 against the reference pool. Results go to ``benchmarks/out/crmse_study_<mol>_n<size>.json``, one
 entry per (seed, variant), written after each entry; finished entries are skipped on a rerun.
 
+Override keys are paths into the ``crmse`` section (``lam``, ``chains.n``, ``selection.rule``), into the
+``crmse_memory`` section with that prefix (``crmse_memory.scouts.n``), or ``arm``; the flat names of the
+old single section (``n_chains``, ``scout_chains``, ...) are accepted and mapped to their new places.
+
     python benchmarks/crmse_study.py ethanol 200 --seeds 0 1 2 --variants default lam0 T500 short
     python benchmarks/crmse_study.py ethanol 200 --seeds 0 --variant lam0.3:lam=0.3
+    python benchmarks/crmse_study.py ethanol 200 --seeds 0 --variant c128:chains.n=128,crmse_memory.scouts.n=0
 """
 
 from __future__ import annotations
@@ -26,28 +32,38 @@ import numpy as np
 import torch
 import yaml
 
-from crmse.contrastive import CRMSEConfig, chain_monitors, train_crmse
-from crmse.data import load_frames
-from crmse.evaluate import load_samples, sample_observables
-from crmse.io import read_json, run_dir, write_json
+from crmse.artifacts import POSTTRAINED, ReferenceMonitors, RunPaths, load_samples, load_split, resolve_temperature
+from crmse.contrastive import VAL_COLUMNS, CRMSEConfig, chain_monitors, train_crmse
+from crmse.evaluate import sample_observables
+from crmse.holes import HoleConfig
+from crmse.io import read_json, write_json
 from crmse.model import load_checkpoint, resolve_device, save_checkpoint
 from crmse.molecules import TORSIONS
-from crmse.observables import BondReference, SpuriousDetector, distributions
+from crmse.observables import distributions
 from crmse.pairlist import VerletPotential
 from crmse.params import load_params
 from crmse.sampling import SampleSettings, run_sampling
 from crmse.train import evaluate_errors, write_log_csv
 
-# name -> overrides of params.yaml's crmse section
+# name -> overrides (see the module docstring) of params.yaml's crmse / crmse_memory sections
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "lam0": {"lam": 0.0},  # the same run with the contrastive term off: MSE fine-tuning control
-    "T500": {"temperature": 500.0},  # chains at the nominal MD17 temperature instead of auto
-    "short": {"p_reset": 0.02, "steps_per_iter": 10},  # short-lived chains: mean life 250 fs (DESIGN.md §3)
+    "T500": {"chains.temperature": 500.0},  # chains at the nominal MD17 temperature instead of auto
+    "short": {"chains.p_reset": 0.02, "chains.steps_per_iter": 10},  # short-lived chains: mean life 250 fs
     "lam0.3": {"lam": 0.3},
-    "no_scouts": {"scout_chains": 0},  # hole memory fed by the chains alone
-    "plain": {"hole_memory": 0, "scout_chains": 0},  # no hole memory: the default before it
+    "no_scouts": {"crmse_memory.scouts.n": 0},  # hole memory fed by the chains alone
+    "plain": {"arm": "crmse"},  # no hole term: the paper's CRMSE
 }
+# Flat keys of the old single crmse section -> their places now (removed options are refused).
+OLD_KEYS = {
+    "n_chains": "chains.n", "steps_per_iter": "chains.steps_per_iter", "temperature": "chains.temperature",
+    "dt": "chains.dt", "friction": "chains.friction", "p_reset": "chains.p_reset", "eval_every": "selection.every",
+    "select_after": "selection.after", "max_gap": "selection.max_gap", "max_energy_rise": "selection.max_energy_rise",
+    "selection": "selection.rule", "hole_memory": "crmse_memory.slots", "hole_weight": "crmse_memory.weight",
+    "scout_chains": "crmse_memory.scouts.n", "scout_temperature_ratio": "crmse_memory.scouts.temperature_ratio",
+}
+REMOVED_KEYS = ("spurious_weight", "remember_blowups", "hole_projection", "energy_projection")
 KEEP = (
     "stable_fraction", "median_time_to_instability_ps", "spurious_replica_fraction", "spurious_frame_fraction",
     "spurious_energy_replica_fraction", "spurious_distance_replica_fraction", "spurious_first_entry_median_ps",
@@ -79,21 +95,45 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, over
 
 
-def summarize(s_dir: Path, bonds: BondReference, detector: SpuriousDetector, ref: Any, mol: str,
-              ev: dict[str, Any], analyse_ps: float | None = None) -> dict[str, Any]:
+def variant_sections(params: dict[str, Any], over: dict[str, Any], arm: str) -> tuple[str, dict, dict | None]:
+    """(arm, crmse section, crmse_memory section or None for the crmse arm) of a variant's overrides."""
+    sections = {"crmse": copy.deepcopy(params["crmse"]), "crmse_memory": copy.deepcopy(params["crmse_memory"])}
+    for key, value in over.items():
+        if key == "arm":
+            if value not in POSTTRAINED:
+                raise SystemExit(f"arm={value!r}: allowed {POSTTRAINED}")
+            arm = value
+            continue
+        if key in REMOVED_KEYS:
+            raise SystemExit(f"{key} no longer exists (removed; projections: crmse_memory.projection=off|fit|...)")
+        path = OLD_KEYS.get(key, key).split(".")
+        if path[0] not in sections:
+            path = ["crmse", *path]
+        node = sections[path[0]]
+        for name in path[1:-1]:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or path[-1] not in node:
+            raise SystemExit(f"unknown override key {key!r} (not in params.yaml's crmse / crmse_memory sections)")
+        node[path[-1]] = value
+    return arm, sections["crmse"], sections["crmse_memory"] if arm == "crmse_memory" else None
+
+
+def summarize(s_dir: Path, mon: ReferenceMonitors, ref: Any, mol: str, ev: dict[str, Any],
+              analyse_ps: float | None = None) -> dict[str, Any]:
     s = load_samples(s_dir / "samples.npz")
     if analyse_ps is not None:  # the first analyse_ps of production: what a run that long would have saved
         keep = int(np.searchsorted(s.time_ps, analyse_ps + 1e-9))
         s = replace(s, R=s.R[:keep], E=s.E[:keep], T_kin=s.T_kin[:keep], time_ps=s.time_ps[:keep],
                     unstable_frame=np.where(s.unstable_frame < keep, s.unstable_frame, -1))
-    row, _, _, _ = sample_observables(s, bonds, detector, ref, TORSIONS[mol], ev, s.temperature)
+    row, _, _, _ = sample_observables(s, mon, ref, TORSIONS[mol], ev, s.temperature)
     out = {k: row.get(k) for k in KEEP}
     out["n_replicas"] = row["n_replicas"]
     out["n_spurious_replicas"] = round(row["spurious_replica_fraction"] * row["n_replicas"])
     out["n_stable_replicas"] = round(row["stable_fraction"] * row["n_replicas"])
     out["dihedral_rmse"] = {t.name: row.get(f"dihedral_{t.name}_rmse") for t in TORSIONS[mol]}
-    info = read_json(s_dir / "sample.json")
-    out["sample_wall_s"] = info["throughput"]["wall_s"]
+    timing = s_dir / "timing.json"  # runs sampled before timing.json existed kept it in sample.json
+    out["sample_wall_s"] = (read_json(timing) if timing.exists() else read_json(s_dir / "sample.json")["throughput"])[
+        "wall_s"]
     return out
 
 
@@ -104,6 +144,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="*", default=["default"],
                     help="predefined names or name:key=value,... (none: only the MSE model)")
+    ap.add_argument("--arm", choices=POSTTRAINED, default="crmse_memory",
+                    help="arm of the variants (default %(default)s; a variant may set arm=...)")
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--production-ps", type=float, default=None, help="default: params.yaml md.production_ps")
     ap.add_argument("--analyse-ps", type=float, default=None,
@@ -132,18 +174,10 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variants]
 
     for seed in args.seeds:
-        split = run_dir("data/splits", args.molecule, args.size, seed)
-        models = run_dir("models", args.molecule, args.size, seed)
-        train, val, test, pool = (
-            load_frames(split / f"{n}.npz", args.molecule, params["data"]["variant"])
-            for n in ("train", "val", "test", "reference")
-        )
-        mse_metrics = read_json(models / "mse_metrics.json")
-        T = mse_metrics["T_auto_K"] if args.temperature == "auto" else float(args.temperature)
-        bonds = BondReference.from_frames(pool.z, pool.R, ev["bond_factor"])
-        detector = SpuriousDetector.from_reference(
-            pool.z, pool.R, pool.E, bonds.bonds, ev["spurious_energy_margin"], ev["spurious_distance_margin"]
-        )
+        paths = RunPaths(args.molecule, args.size, seed)
+        train, val, test, pool = (load_split(paths.split(n)) for n in ("train", "val", "test", "reference"))
+        T = resolve_temperature(args.temperature, paths)
+        mon = ReferenceMonitors.from_pool(pool, ev)
         ref = distributions(pool.R, pool.E, TORSIONS[args.molecule], ev["dihedral_bins"], T)
         production_ps = args.production_ps or params["md"]["production_ps"]
         md = dict(params["md"], n_replicas=args.replicas, production_ps=production_ps)
@@ -152,11 +186,11 @@ def main() -> None:
             names = {name for name, _ in variants}
             for entry in (r for r in record["runs"] if r["seed"] == seed and r["variant"] in names):
                 s_dir = scratch / f"s{seed}_{entry['variant']}"
-                entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
+                entry.update(summarize(s_dir, mon, ref, args.molecule, ev, args.analyse_ps))
                 entry["analysed_ps"] = args.analyse_ps
                 save_entry(out_path, record, entry)
             continue
-        mse_model, _ = load_checkpoint(models / "mse.pt", device=device)
+        mse_model, _ = load_checkpoint(paths.checkpoint("mse"), device=device)
 
         for name, over in [*([] if args.skip_mse else [("mse", None)]), *variants]:
             if (seed, name) in done:
@@ -172,15 +206,15 @@ def main() -> None:
                 model, _ = load_checkpoint(s_dir / "crmse.pt", device=device)
                 entry["resumed_from"] = str(s_dir / "crmse.pt")
             elif over is not None:
-                section = {**params["crmse"], **over}
-                t_chain = section["temperature"]
-                t_chain = mse_metrics["T_auto_K"] if t_chain == "auto" else float(t_chain)
+                arm, section, memory = variant_sections(params, over, args.arm)
+                t_chain = resolve_temperature(section["chains"]["temperature"], paths)
                 cfg = CRMSEConfig.from_params(section, t_chain, seed)
+                holes = None if memory is None else HoleConfig.from_params(memory)
                 stability, chain_detector = chain_monitors(train, val, ev)
-                print(f"== {args.molecule} n{args.size} s{seed} {name}: {over} (T_chain {t_chain:.0f} K)")
-                res = train_crmse(model, train, val, cfg, stability, chain_detector, device=device)
+                print(f"== {args.molecule} n{args.size} s{seed} {name} ({arm}): {over} (T_chain {t_chain:.0f} K)")
+                res = train_crmse(model, train, val, cfg, holes, stability, chain_detector, device=device)
                 entry.update(
-                    T_chain_K=t_chain, crmse_wall_s=res.wall_s, selected_iteration=res.selected_iteration,
+                    arm=arm, T_chain_K=t_chain, crmse_wall_s=res.wall_s, selected_iteration=res.selected_iteration,
                     selection=res.selection_note, chain_blowups=int(sum(r["blowups"] for r in res.log)),
                     final_gap=res.val_log[-1]["gap"], chains_spurious_last=res.val_log[-1]["n_spurious"],
                     val_log=res.val_log,
@@ -188,12 +222,15 @@ def main() -> None:
             model.eval()
             if over is not None and not resumed:  # kept for inspection and --resume
                 save_checkpoint(model, s_dir / "crmse.pt", {"study_variant": name, "overrides": over})
-                write_log_csv(s_dir / "crmse_log.csv", res.log, list(res.log[0]))
+                write_log_csv(s_dir / "crmse_log.csv", res.log, list(res.log_columns))
+                write_log_csv(s_dir / "crmse_val.csv", res.val_log, list(VAL_COLUMNS))
             err = evaluate_errors(model, test)
             entry.update(test_energy_mae=err["energy_mae"], test_force_mae=err["force_mae"])
-            run_sampling(VerletPotential(model, skin=params["md"]["skin"]), pool.z, pool.R, settings, s_dir,
-                         device=device, dtype=model.dtype, meta={"label": f"s{seed} {name}"})
-            entry.update(summarize(s_dir, bonds, detector, ref, args.molecule, ev, args.analyse_ps))
+            skin = params["md"]["skin"]
+            energy_forces = VerletPotential(model, skin=skin) if skin > 0 else model.energy_and_forces
+            run_sampling(energy_forces, pool.z, pool.R, settings, s_dir, device=device, dtype=model.dtype,
+                         energy_fn=model.energy, meta={"label": f"s{seed} {name}"})
+            entry.update(summarize(s_dir, mon, ref, args.molecule, ev, args.analyse_ps))
             entry["total_wall_s"] = time.perf_counter() - t0
             save_entry(out_path, record, entry)
             print(

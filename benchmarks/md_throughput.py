@@ -21,8 +21,15 @@ The CPU is shared: methods are timed round-robin for several rounds and the best
 reported (the least disturbed), with the median beside it in the JSON, both per wall second
 and per CPU second of this process (the latter is much less sensitive to other jobs).
 
+With ``--dead-fraction F`` only the frozen-replica comparison runs (issue 31.9): the crmse engine
+(all pairs, and with the Verlet list) with the first round(F·R) replicas frozen (a blown-up
+replica), once evaluating the whole batch every step (``compact=False``, the old behaviour) and
+once leaving the frozen ones out of the model's batch (``compact=True``); rates count all R
+replicas, so their ratio is the time saved per step. The engine's check that compaction changes
+no bit is part of the timing (it runs once, at the first step).
+
 Usage: python benchmarks/md_throughput.py [--molecules ethanol aspirin] [--replicas 1 16 64 256]
-       [--seconds 1.5] [--rounds 3] [--threads 2] [--out benchmarks/out/md_throughput.json]
+       [--seconds 1.5] [--rounds 3] [--threads 2] [--dead-fraction 0.33] [--out benchmarks/out/md_throughput.json]
 """
 
 from __future__ import annotations
@@ -159,6 +166,57 @@ def make_methods(
     return methods
 
 
+def make_dead_methods(
+    frames: Frames, R: int, model, seconds: float, dead_fraction: float, compaction: dict[str, dict]
+) -> dict[str, Callable[[], tuple[float, float]]]:
+    """crmse engine rates with round(dead_fraction · R) replicas frozen, batch compacted or not (replica-steps/s)."""
+    z = frames.z
+    x = torch.as_tensor(frames.R[np.arange(R) % len(frames)], dtype=torch.float32)
+    n_dead = round(dead_fraction * R)
+    chunk = 10 if R <= 64 else 2
+
+    def engine(energy_forces, compact: bool, name: str) -> Callable[[], tuple[float, float]]:
+        def go() -> tuple[float, float]:
+            # No bond check: the random-weight model would break bonds within a few hundred steps, and the
+            # living replicas must stay R − n_dead for the whole timing (checked below).
+            eng = Langevin(energy_forces(), masses(z), DT, TEMPERATURE, FRICTION, compact=compact)
+            state = eng.init_state(x, seed=0)
+            state.alive[:n_dead] = False  # as a blow-up leaves them: frozen at their last good state
+            state.unstable_step[:n_dead] = 0
+            rate = timed(lambda k: eng.step(state, k), chunk, seconds)
+            compaction[name] = {**eng.compaction, "alive_at_end": int(state.alive.sum())}
+            return rate[0] * R, rate[1] * R
+
+        return go
+
+    return {
+        "all pairs, full batch": engine(lambda: model.energy_and_forces, False, "all pairs, full batch"),
+        "all pairs, compacted": engine(lambda: model.energy_and_forces, True, "all pairs, compacted"),
+        "Verlet, full batch": engine(lambda: VerletPotential(model, skin=1.0), False, "Verlet, full batch"),
+        "Verlet, compacted": engine(lambda: VerletPotential(model, skin=1.0), True, "Verlet, compacted"),
+    }
+
+
+def dead_table(results: dict, clock: str = "cpu") -> str:
+    """Markdown table of the frozen-replica comparison (best round, replica-steps/s counting all replicas)."""
+    lines = [
+        "| molecule | R | frozen | pair list | full batch | compacted | time per step saved | compaction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        b = row[clock]
+        for pl in ("all pairs", "Verlet"):
+            full, comp = b[f"{pl}, full batch"], b[f"{pl}, compacted"]
+            state = row["compaction"][f"{pl}, compacted"]
+            note = "on" if state["off_reason"] is None else "off: " + state["off_reason"].split(" (")[0]
+            note += f"; {state['alive_at_end']} alive at the end"
+            lines.append(
+                f"| {row['molecule']} | {row['R']} | {row['dead']} | {pl} | {full:.0f} | {comp:.0f} | "
+                f"{100 * (1 - full / comp):.1f}% | {note} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--molecules", nargs="+", default=["ethanol", "aspirin"])
@@ -166,11 +224,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="timing window per method and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks/out/md_throughput.json"))
+    ap.add_argument("--dead-fraction", type=float, default=0.0,
+                    help="only compare frozen replicas in / out of the batch, with this fraction frozen")
+    ap.add_argument("--out", default=None, help="JSON (default benchmarks/out/md_throughput[_dead].json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    if args.dead_fraction > 0:
+        return dead_main(args)
+    args.out = args.out or str(REPO / "benchmarks/out/md_throughput.json")
 
     results: dict = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -219,6 +282,55 @@ def main() -> None:
     print("\nreplica-steps per wall second (best round; disturbed by other jobs):\n")
     print(table(results, "wall"))
     print(f"\nwritten {args.out}; load average {results['load_average_start']} -> {results['load_average_end']}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def dead_main(args: argparse.Namespace) -> None:
+    """The frozen-replica comparison (``--dead-fraction``)."""
+    out = args.out or str(REPO / "benchmarks/out/md_throughput_dead.json")
+    results: dict = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPUs visible (shared), "
+        f"torch {torch.__version__}, {args.threads} threads",
+        "load_average_start": os.getloadavg(),
+        "settings": {"model": MODEL, "dt_fs": DT, "T_K": TEMPERATURE, "friction_per_fs": FRICTION,
+                     "seconds": args.seconds, "rounds": args.rounds, "dead_fraction": args.dead_fraction},
+        "rows": [],
+    }
+    for mol in args.molecules:
+        frames = frames_of(mol)
+        model = build_model(frames.z, MODEL, frames).eval()
+        for R in args.replicas:
+            compaction: dict[str, dict] = {}
+            methods = make_dead_methods(frames, R, model, args.seconds, args.dead_fraction, compaction)
+            samples: dict[str, list[tuple[float, float]]] = {k: [] for k in methods}
+            for _ in range(args.rounds):
+                for name, fn in methods.items():
+                    samples[name].append(fn())
+            row: dict = {"molecule": mol, "R": R, "dead": round(args.dead_fraction * R), "compaction": compaction}
+            for i, clock in enumerate(("wall", "cpu")):
+                row[clock] = {k: max(v[i] for v in vals) for k, vals in samples.items()}
+                row[clock + "_median"] = {k: statistics.median(v[i] for v in vals) for k, vals in samples.items()}
+            results["rows"].append(row)
+            print(format_row(row), flush=True)
+    results["load_average_end"] = os.getloadavg()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print("\nreplica-steps per CPU second of this process (best round; all replicas counted):\n")
+    print(dead_table(results, "cpu"))
+    print("\nreplica-steps per wall second (best round):\n")
+    print(dead_table(results, "wall"))
+    print(f"\nwritten {out}; load average {results['load_average_start']} -> {results['load_average_end']}")
 
 
 def format_row(row: dict) -> str:

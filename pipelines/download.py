@@ -1,23 +1,29 @@
-"""DVC stage `download`: fetch and validate md17_<molecule>.npz into data/raw/."""
+"""DVC stage `download`: fetch, verify (pinned sha256) and validate md17_<molecule>.npz into data/raw/."""
 
 import argparse
+import sys
 
-from crmse.download import download
-from crmse.params import load_params
+from crmse.data import DataError
+from crmse.download import DownloadError, download
+from crmse.stage import stage_params
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("molecule")
     args = parser.parse_args()
-    params = load_params(molecule=args.molecule)
-    data = params["data"]
-    meta = download(
-        args.molecule,
-        f"data/raw/{args.molecule}.npz",
-        f"data/raw/{args.molecule}.json",
-        url=data["url"],
-        variant=data["variant"],
-        retries=data["retries"],
-        timeout=data["timeout_s"],
-    )
-    print(f"{args.molecule}: {meta['frames']} frames from {meta['source']} (sha256 {meta['sha256'][:12]}…)")
+    data = stage_params(args)["data"]
+    try:
+        meta = download(
+            args.molecule,
+            f"data/raw/{args.molecule}.npz",
+            f"data/raw/{args.molecule}.json",
+            url=data["url"],
+            variant=data["variant"],
+            retries=data["retries"],
+            timeout=data["timeout_s"],
+        )
+    except (DataError, DownloadError, ValueError) as exc:
+        # The message names the source and what is wrong with it; a traceback adds nothing.
+        sys.exit(f"download: {exc}")
+    pinned = "pinned" if meta["sha256_pinned"] else "NOT pinned"
+    print(f"{args.molecule}: {meta['frames']} frames from {meta['source']} (sha256 {meta['sha256'][:12]}…, {pinned})")

@@ -1,83 +1,94 @@
-"""DVC stage `crmse`: contrastive post-training of the MSE model of one (molecule, size, seed).
+"""DVC stage `posttrain`: CRMSE post-training of the MSE model of one (molecule, size, seed), for one arm.
 
-(Not named crmse.py: a script of that name would shadow the crmse package.)
+    python pipelines/posttrain.py <molecule> <size> <seed> <arm>      arm: crmse | crmse_memory
 
-Reads models/<mol>/n<size>/s<seed>/mse.pt (+ mse_metrics.json for T_conf of the training
-frames) and the split; writes crmse.pt (same checkpoint format as mse.pt), crmse_log.csv
-(per iteration), crmse_val.csv (per evaluation) and crmse_metrics.json.
+``crmse`` is the paper's method (params section ``crmse``); ``crmse_memory`` adds the hole term
+(section ``crmse_memory``). Reads models/<run>/mse.pt, mse_metrics.json (T_conf of the data, for
+``chains.temperature: auto``) and the split; writes models/<run>/<arm>.pt (same checkpoint format as
+mse.pt), <arm>_log.csv (per iteration), <arm>_val.csv (per evaluation) and <arm>_metrics.json — the
+same bytes for the same seed, so an identical rerun changes no dependency downstream; wall time and
+device go to <arm>_timing.json, on which no stage may depend.
 """
 
-import sys
+import os
 
-from crmse.contrastive import CRMSEConfig, chain_monitors, train_crmse
-from crmse.data import load_frames
-from crmse.io import read_json, run_dir, write_json
-from crmse.model import load_checkpoint, resolve_device, save_checkpoint
-from crmse.params import load_params
-from crmse.stage import run_parser, set_torch_threads
-from crmse.train import evaluate_errors, write_log_csv
+# Before torch loads OpenMP: on a shared CPU, spinning OpenMP threads slow training (as in pretrain).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-if __name__ == "__main__":
-    parser = run_parser(__doc__)
-    args = parser.parse_args()
-    params = load_params(molecule=args.molecule)
-    set_torch_threads(params)
-    device = resolve_device(params["device"])
-    run = run_dir("models", args.molecule, args.size, args.seed)
-    if not (run / "mse.pt").exists():
-        sys.exit(f"crmse: {run / 'mse.pt'} not found (run the pretrain stage)")
-    model, mse_meta = load_checkpoint(run / "mse.pt", device=device)
-    split = run_dir("data/splits", args.molecule, args.size, args.seed)
-    variant = params["data"]["variant"]
-    train, val, test = (load_frames(split / f"{name}.npz", args.molecule, variant) for name in ("train", "val", "test"))
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
 
-    c, ev = params["crmse"], params["evaluate"]
-    temperature = c["temperature"]
-    if temperature == "auto":
-        # The same T_conf of the reference pool (MSE model Laplacian) that the sample stage uses.
-        temperature = read_json(run / "mse_metrics.json")["T_auto_K"]
-    cfg = CRMSEConfig.from_params(c, temperature, args.seed)
-    stability, detector = chain_monitors(train, val, ev)
-    print(f"crmse {args.molecule} n{args.size} s{args.seed}: T_chain {temperature:.1f} K, {cfg.iterations} iterations")
-    result = train_crmse(model, train, val, cfg, stability, detector, device=device)
+from crmse.artifacts import POSTTRAINED, RunPaths, load_split, resolve_temperature  # noqa: E402
+from crmse.contrastive import VAL_COLUMNS, CRMSEConfig, CRMSEResult, chain_monitors, train_crmse  # noqa: E402
+from crmse.holes import HoleConfig  # noqa: E402
+from crmse.io import write_json  # noqa: E402
+from crmse.model import load_checkpoint, resolve_device, save_checkpoint  # noqa: E402
+from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params  # noqa: E402
+from crmse.train import evaluate_errors, write_log_csv  # noqa: E402
 
-    test_err = evaluate_errors(model, test, batch_size=64)
-    val_err = evaluate_errors(model, val, batch_size=64)
-    meta = {
-        "stage": "crmse",
-        "molecule": args.molecule,
-        "train_size": args.size,
-        "seed": args.seed,
-        "pretrained": mse_meta,
-        "T_chain_K": temperature,
-        "selected_iteration": result.selected_iteration,
-        "selection": result.selection_note,
-    }
-    save_checkpoint(model, run / "crmse.pt", meta)
-    write_log_csv(run / "crmse_log.csv", result.log, list(result.log[0]))
-    write_log_csv(run / "crmse_val.csv", result.val_log, list(result.val_log[0]))
+
+def run_metrics(arm: str, result: CRMSEResult, val_err: dict[str, float], test_err: dict[str, float]
+                ) -> dict[str, Any]:
+    """<arm>_metrics.json: selection, errors of the selected weights (kcal/mol, kcal/mol/Å), chain statistics.
+
+    Nothing that varies from run to run with the same seed (no wall time, no device).
+    """
     last = result.val_log[-1]
     chosen = next((r for r in result.val_log if r["iteration"] == result.selected_iteration), last)
-    write_json(
-        run / "crmse_metrics.json",
-        {
-            "T_chain_K": temperature,
-            "selected_iteration": result.selected_iteration,
-            "selection": result.selection_note,
-            "val_energy_mae": val_err["energy_mae"],
-            "val_force_mae": val_err["force_mae"],
-            "test_energy_mae": test_err["energy_mae"],
-            "test_force_mae": test_err["force_mae"],
-            "final_gap": last["gap"],
-            "chain_blowups": int(sum(r["blowups"] for r in result.log)),
-            "chains_spurious_at_end": last["n_spurious"],
-            "holes_remembered": int(result.log[-1].get("holes_stored", 0)),
-            "chain_failures_before_selected": chosen["chain_failures"],
-            "wall_s": result.wall_s,
-            "device": str(device),
-        },
-    )
+    metrics = {
+        "arm": arm,
+        "T_chain_K": result.temperature,
+        "selected_iteration": result.selected_iteration,
+        "selection": result.selection_note,
+        "val_energy_mae": val_err["energy_mae"],
+        "val_force_mae": val_err["force_mae"],
+        "test_energy_mae": test_err["energy_mae"],
+        "test_force_mae": test_err["force_mae"],
+        "final_gap": last["gap"],
+        "chain_blowups": int(sum(r["blowups"] for r in result.log)),
+        "chains_spurious_at_end": last["n_spurious"],
+        "chain_failures_before_selected": chosen["chain_failures"],
+    }
+    if "holes_stored" in result.log_columns:  # the hole term's
+        metrics["holes_remembered"] = int(result.log[-1]["holes_stored"])
+    return metrics
+
+
+def posttrain(paths: RunPaths, arm: str, params: dict[str, Any]) -> tuple[CRMSEResult, dict[str, Any]]:
+    """Train ``arm`` from the run's MSE checkpoint and write its four artifacts; returns the result and metrics."""
+    device = resolve_device(params["device"])
+    if not paths.checkpoint("mse").exists():
+        sys.exit(f"posttrain: {paths.checkpoint('mse')} not found (run the pretrain stage)")
+    with input_errors("posttrain"):
+        train, val, test = (load_split(paths.split(name)) for name in ("train", "val", "test"))
+        # auto: the same T_conf of the reference pool (MSE model Laplacian) that the sample stage uses.
+        temperature = resolve_temperature(params["crmse"]["chains"]["temperature"], paths)
+        model, mse_meta = load_checkpoint(paths.checkpoint("mse"), device=device, expected_z=train.z)
+    cfg = CRMSEConfig.from_params(params["crmse"], temperature, paths.seed)
+    holes = HoleConfig.from_params(params["crmse_memory"]) if arm == "crmse_memory" else None
+    stability, detector = chain_monitors(train, val, params["evaluate"])
+    print(f"posttrain {paths.rel} {arm}: T_chain {temperature:.1f} K, {cfg.iterations} iterations")
+    result = train_crmse(model, train, val, cfg, holes, stability, detector, device=device)
+
+    metrics = run_metrics(arm, result, evaluate_errors(model, val, batch_size=64),
+                          evaluate_errors(model, test, batch_size=64))
+    meta = {"stage": "posttrain", "arm": arm, "molecule": paths.molecule, "train_size": paths.size,
+            "seed": paths.seed, "pretrained": mse_meta, "T_chain_K": temperature,
+            "selected_iteration": result.selected_iteration, "selection": result.selection_note}
+    save_checkpoint(model, paths.checkpoint(arm), meta)
+    write_log_csv(paths.train_log(arm), result.log, list(result.log_columns))
+    write_log_csv(paths.val_log(arm), result.val_log, list(VAL_COLUMNS))
+    write_json(paths.train_metrics(arm), metrics)
+    write_json(paths.train_timing(arm), {"wall_s": result.wall_s, "device": str(device)})
+    return result, metrics
+
+
+if __name__ == "__main__":
+    args = run_parser(__doc__, arms=POSTTRAINED).parse_args()
+    params = stage_params(args)
+    set_torch_threads(params)
+    result, m = posttrain(run_paths(args), args.arm, params)
     print(
-        f"crmse: selected iteration {result.selected_iteration} ({result.selection_note}); test E MAE "
-        f"{test_err['energy_mae']:.3f} kcal/mol, F MAE {test_err['force_mae']:.3f} kcal/mol/Å; {result.wall_s:.0f} s"
+        f"posttrain {args.arm}: selected iteration {result.selected_iteration} ({result.selection_note}); test E MAE "
+        f"{m['test_energy_mae']:.3f} kcal/mol, F MAE {m['test_force_mae']:.3f} kcal/mol/Å; {result.wall_s:.0f} s"
     )

@@ -1,6 +1,8 @@
 """DVC stage `pretrain`: MSE training of the SchNet potential on one (molecule, size, seed) split.
 
-Writes models/<mol>/n<size>/s<seed>/{mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json}.
+Writes models/<mol>/n<size>/s<seed>/{mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json} — the same bytes
+for the same seed, so an identical rerun changes no dependency downstream — and mse_timing.json (wall
+times and throughput, which vary from run to run; no stage may depend on it).
 """
 
 import os
@@ -9,16 +11,22 @@ import os
 # (measured: 2.1 s instead of 40 ms per batch with other jobs running); passive waiting avoids it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from crmse.params import load_params  # noqa: E402
-from crmse.stage import run_parser
+import sys  # noqa: E402
+
+from crmse.stage import input_errors, run_parser, stage_params  # noqa: E402
+from crmse.temperature import ImplausibleTemperatureError  # noqa: E402
 from crmse.train import pretrain  # noqa: E402
 
 if __name__ == "__main__":
-    parser = run_parser(__doc__)
-    args = parser.parse_args()
-    m = pretrain(args.molecule, args.size, args.seed, load_params(molecule=args.molecule))
+    args = run_parser(__doc__).parse_args()
+    params = stage_params(args)
+    try:
+        with input_errors("pretrain"):
+            m = pretrain(args.molecule, args.size, args.seed, params)
+    except ImplausibleTemperatureError as exc:  # nothing was written; the message says what to do
+        sys.exit(f"pretrain {args.molecule} n{args.size} s{args.seed}: {exc}")
     print(
         f"{args.molecule} n{args.size} s{args.seed}: test E MAE {m['test']['energy_mae']:.3f} kcal/mol, "
         f"F MAE {m['test']['force_mae']:.3f} kcal/mol/Å; {m['epochs']} epochs in {m['wall_s'] / 60:.1f} min "
-        f"on {m['device']} ({m['stop_reason']})"
+        f"on {m['device']} ({m['stop_reason']}); T_auto {m['T_auto_K']:.1f} K"
     )

@@ -1,7 +1,8 @@
-"""DVC stage `report_index`: reports/index.ipynb + reports/index.html, every run and the size sweep.
+"""DVC stage `report_index`: reports/index.ipynb + reports/index.html, every report and every arm.
 
-Reads every metrics/<mol>/n<size>/s<seed>/metrics.json of the molecules, train_sizes and seeds in
-params.yaml (outputs of sizes removed from params.yaml stay on disk but leave the index).
+Reads metrics/<mol>/n<size>/s<seed>/T<setting>/<arm>/metrics.json (with audit files) and the reference's
+metrics.json of the molecules, train_sizes, seeds, md.temperatures and arms in params.yaml (outputs of
+settings removed from params.yaml stay on disk but leave the index).
 """
 
 import argparse
@@ -17,7 +18,7 @@ TEMPLATE = Path(__file__).with_name("index.ipynb")
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
-    parser.add_argument("--all-runs", action="store_true", help="index every run on disk, not only declared ones")
+    parser.add_argument("--all-runs", action="store_true", help="index every report on disk, not only declared ones")
     parser.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     args = parser.parse_args()
     params = {"root": ".", "declared_only": not args.all_runs}

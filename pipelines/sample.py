@@ -1,50 +1,40 @@
-"""DVC stage `sample`: Langevin MD of one model (mse | crmse) of one (molecule, size, seed).
+"""DVC stage `sample`: Langevin MD of one arm's model of one (molecule, size, seed) at one temperature setting.
 
-Reads models/<mol>/n<size>/s<seed>/<model>.pt and the split; writes
-results/<mol>/n<size>/s<seed>/<model>/{samples.npz, sample.json, trajectory.traj}; with
-``--temperature K`` (the temperature ablation) results/<mol>/n<size>/s<seed>/T<K>/<model>/.
-An interrupted run resumes from its last complete chunk (results/.../.<model>.partial/).
+Reads models/<run>/<arm>.pt and the split; writes results/<run>/T<setting>/<arm>/{samples.npz, sample.json,
+trajectory.traj}. An interrupted run resumes from its last complete chunk (a hidden .partial folder beside it).
 """
 
 import sys
 
-from crmse.data import load_frames
-from crmse.io import read_json, run_dir, sha256, temperature_variant
+from crmse.artifacts import ARMS, load_split, resolve_temperature
+from crmse.io import sha256
 from crmse.model import load_checkpoint, resolve_device
 from crmse.pairlist import VerletPotential
-from crmse.params import load_params
 from crmse.sampling import SampleSettings, run_sampling
-from crmse.stage import run_parser, set_torch_threads
+from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params
 
 if __name__ == "__main__":
-    parser = run_parser(__doc__, ablation=True)
-    parser.add_argument("model", choices=("mse", "crmse"))
-    args = parser.parse_args()
-    params = load_params(molecule=args.molecule)
+    args = run_parser(__doc__, temperature=True, arms=ARMS).parse_args()
+    params = stage_params(args)
     set_torch_threads(params)
     device = resolve_device(params["device"])
+    paths = run_paths(args)
 
-    ckpt = run_dir("models", args.molecule, args.size, args.seed) / f"{args.model}.pt"
+    ckpt = paths.checkpoint(args.arm)
     if not ckpt.exists():
-        stage = "pretrain" if args.model == "mse" else "crmse"
+        stage = "pretrain" if args.arm == "mse" else "posttrain"
         sys.exit(f"sample: checkpoint {ckpt} not found (run the {stage} stage)")
-    model, _ = load_checkpoint(ckpt, device=device)
+    with input_errors("sample"):
+        reference = load_split(paths.split("reference"))
+        # auto: T_conf of the reference pool with the MSE model's Laplacian, computed once by the pretrain
+        # stage, so that every arm is sampled at one temperature.
+        T = resolve_temperature(args.temperature, paths)
+        model, _ = load_checkpoint(ckpt, device=device, expected_z=reference.z)
     model.eval()
     dtype = next(model.parameters()).dtype
-    split = run_dir("data/splits", args.molecule, args.size, args.seed)
-    variant = params["data"]["variant"]
-    train = load_frames(split / "train.npz", args.molecule, variant)
-    reference = load_frames(split / "reference.npz", args.molecule, variant)
-
-    T = params["md"]["temperature"] if args.temperature is None else float(args.temperature)
-    if T == "auto":
-        # T_conf of the reference pool with the MSE model's Laplacian, computed once by the
-        # pretrain stage, so that the MSE and the CRMSE model are sampled at one temperature.
-        T = read_json(run_dir("models", args.molecule, args.size, args.seed) / "mse_metrics.json")["T_auto_K"]
-    setting = params["md"]["temperature"] if args.temperature is None else float(args.temperature)
-    print(f"sample: temperature {setting} -> {T:.1f} K")
+    print(f"sample: temperature {args.temperature} -> {T:.1f} K")
     settings = SampleSettings.from_params(params, T, args.seed)
-    label = f"{args.molecule} n{args.size} s{args.seed} {args.model} {temperature_variant(args.temperature)}".strip()
+    label = f"{args.molecule} n{args.size} s{args.seed} {args.arm} T{args.temperature}"
     skin = params["md"]["skin"]
     # A Verlet list (pairs within the cutoff only) pays off when the molecule is larger than the
     # cutoff sphere (aspirin); the result does not depend on when the list was built.
@@ -54,7 +44,7 @@ if __name__ == "__main__":
         reference.z,
         reference.R,
         settings,
-        run_dir("results", args.molecule, args.size, args.seed) / temperature_variant(args.temperature) / args.model,
+        paths.samples_dir(args.temperature, args.arm),
         device=device,
         dtype=dtype,
         energy_fn=model.energy,
@@ -63,10 +53,10 @@ if __name__ == "__main__":
             "molecule": args.molecule,
             "train_size": args.size,
             "seed": args.seed,
-            "model": args.model,
+            "arm": args.arm,
             "checkpoint": str(ckpt),
             "checkpoint_sha256": sha256(ckpt),
-            "temperature_setting": setting,
+            "temperature_setting": args.temperature,
             "pair_list": f"verlet, skin {skin} A, pruned to the cutoff" if skin > 0 else "all pairs",
         },
     )

@@ -71,7 +71,7 @@ def write_synthetic_npz(path: Path, molecule: str = "ethanol", n: int = 120, see
 def collapse_methyl_h(R: np.ndarray, d: float = 0.8) -> np.ndarray:
     """Swing ethanol's methyl H 6 about its carbon (C 1, bond length kept) to ``d`` Å from methyl H 5.
 
-    This is the spurious state of DESIGN.md §3: two methyl H collapse while every bond keeps its
+    This is the spurious state of docs/method.md §1 and §6: two methyl H collapse while every bond keeps its
     length, so the bond criterion calls it stable.
     """
     R = R.copy()

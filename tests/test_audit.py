@@ -251,7 +251,8 @@ def _water_case(tmp_path: Path):
     E = np.full((T, M), np.nan)
     ok = np.isfinite(R).all((-1, -2))
     E[ok] = fn(R[ok])[0]
-    run = SampleRun(R, E, np.array([-1, -1, 2]), np.arange(T) * 0.01, Z_WATER)
+    valid = (np.arange(T)[:, None] < np.array([T, T, 2])[None, :]) & np.isfinite(E)
+    run = SampleRun(R, E, valid, np.arange(T) * 0.01)
     bonds = BondReference.from_frames(Z_WATER, R_pool).bonds
     detector = SpuriousDetector.from_reference(Z_WATER, R_pool, E_pool, bonds, 5.0, 0.25)
     return pool, run, fn, detector
@@ -339,14 +340,14 @@ def test_stage_writes_skip_outputs_for_molecules_not_audited(tmp_path, monkeypat
     params["audit"]["molecules"] = ["ethanol"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["audit.py", "aspirin", "50", "1"])
+    monkeypatch.setattr(sys, "argv", ["audit.py", "aspirin", "50", "1", "auto", "crmse"])
     with pytest.raises(SystemExit) as done:  # nothing else is read: no split, model or samples exist here
         runpy.run_path(str(REPO / "pipelines/audit.py"), run_name="__main__")
     assert done.value.code == 0
-    got = yaml.safe_load((tmp_path / "metrics/aspirin/n50/s1/audit.json").read_text())
+    got = yaml.safe_load((tmp_path / "metrics/aspirin/n50/s1/Tauto/crmse/audit.json").read_text())
     assert got["skipped"] is True
-    assert (tmp_path / "metrics/aspirin/n50/s1/audit_frames.csv").read_text().startswith("model,kind")
-    assert (tmp_path / "results/aspirin/n50/s1/audit.npz").exists()
+    assert (tmp_path / "metrics/aspirin/n50/s1/Tauto/crmse/audit_frames.csv").read_text().startswith("model,kind")
+    assert (tmp_path / "results/aspirin/n50/s1/Tauto/audit_crmse.npz").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,26 +396,31 @@ def test_stage_script_end_to_end_with_fake_dft(tmp_path, monkeypatch):
         R = frames.R[:15].reshape(5, 3, 9, 3).astype(np.float32)
         E = model_energy_forces(model)(R.reshape(-1, 9, 3))[0].reshape(5, 3)
         R[3:, 1], E[3:, 1] = np.nan, np.nan  # replica 1 unstable from saved frame 3
-        write_npz(tmp_path / f"results/ethanol/n50/s0/{name}/samples.npz", R=R, E=E,
+        write_npz(tmp_path / f"results/ethanol/n50/s0/T500/{name}/samples.npz", R=R, E=E,
                   unstable_frame=np.array([-1, 3, -1]), time_ps=np.arange(5) * 0.01, z=frames.z,
                   T_kin=np.full((5, 3), 500.0), temperature=np.array(500.0))
     calls: list = []
     monkeypatch.setattr(crmse.audit, "dft_single_point", _fake_single_point(calls))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["audit.py", "ethanol", "50", "0", "--cache", str(tmp_path / "cache")])
-    runpy.run_path(str(REPO / "pipelines/audit.py"), run_name="__main__")
-    got = crmse.io.read_json(tmp_path / "metrics/ethanol/n50/s0/audit.json")
-    assert (got["molecule"], got["n_train"], got["seed"]) == ("ethanol", 50, 0)
-    assert got["offset"]["n"] == 3 and got["dft"]["n_failed"] == 0
-    assert len(calls) == got["dft"]["n_computed"] <= 3 + 2 * 3
+    params["md"]["temperatures"] = [500]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name in ("mse", "crmse"):
+        monkeypatch.setattr(sys, "argv", ["audit.py", "ethanol", "50", "0", "500", name, "--cache",
+                                          str(tmp_path / "cache")])
+        runpy.run_path(str(REPO / "pipelines/audit.py"), run_name="__main__")
+        got = crmse.io.read_json(tmp_path / f"metrics/ethanol/n50/s0/T500/{name}/audit.json")
+        assert (got["molecule"], got["n_train"], got["seed"], got["arm"]) == ("ethanol", 50, 0, name)
+        assert got["offset"]["n"] == 3 and got["dft"]["n_failed"] == 0
         m = got["models"][name]
+        assert set(got["models"]) == {name}
         assert m["n_selected"]["lowest"] == 1 and m["n_selected"]["random"] == 2
         assert m["test_energy_mae"] > 0 and m["random"]["forces_mae"] is not None
         assert m["model_energy_recompute_max_abs"] < 1e-2
-    with np.load(tmp_path / "results/ethanol/n50/s0/audit.npz") as d:
-        assert d["R"].shape[1:] == (9, 3) and len(d["kind"]) == len(d["R"])
-        assert not ((d["replica"] == 1) & (d["frame"] >= 3)).any()  # after instability: never audited
+        with np.load(tmp_path / f"results/ethanol/n50/s0/T500/audit_{name}.npz") as d:
+            assert d["R"].shape[1:] == (9, 3) and len(d["kind"]) == len(d["R"])
+            assert not ((d["replica"] == 1) & (d["frame"] >= 3)).any()  # after instability: never audited
+    # The reference frames of the offset fit were computed once, by the first arm.
+    assert len(calls) <= 3 + 2 * 3
     # Re-run: nothing computed.
     calls.clear()
     runpy.run_path(str(REPO / "pipelines/audit.py"), run_name="__main__")

@@ -1,4 +1,4 @@
-"""CRMSE: the contrastive gradient, chain handling, and a toy model with a spurious well."""
+"""CRMSE: the contrastive gradient, chain handling, the hole term, selection, and a toy model with a spurious well."""
 
 from __future__ import annotations
 
@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from crmse.contrastive import CRMSEConfig, PersistentChains, contrastive_loss, train_crmse
+from crmse.contrastive import (
+    VAL_COLUMNS,
+    ChainConfig,
+    ContrastiveTerm,
+    CRMSEConfig,
+    MSETerm,
+    PersistentChains,
+    contrastive_loss,
+    log_columns,
+    train_crmse,
+)
 from crmse.data import Frames
+from crmse.holes import HoleConfig, HoleMemory, HoleTerm, Projection, ScoutConfig, combine_hole_gradient
 from crmse.langevin import Langevin
+from crmse.selection import SelectionConfig
 from crmse.train import refit_energy_offset
 from crmse.units import KB, masses
 
@@ -90,14 +102,42 @@ def _in_well(R: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     return (R[:, 1] - R[:, 0]).norm(dim=-1) > 1.5
 
 
-def _cfg(**kw) -> CRMSEConfig:
-    base = dict(
-        lam=1.0, n_chains=32, steps_per_iter=20, temperature=T_TOY, dt=1.0, friction=0.05, p_reset=0.0,
-        iterations=150, lr=0.05, batch_size=32, rho_energy=0.01, rho_forces=0.99, eval_every=50,
-        grad_clip=100.0, max_gap=100.0, selection="last", seed=0,
-    )
-    base.update(kw)
-    return CRMSEConfig(**base)
+def _cfg(chains: dict | None = None, selection: dict | None = None, **kw) -> CRMSEConfig:
+    """A toy run: 32 chains at T_TOY, no weight averaging, the last weights kept."""
+    chain = {"temperature": T_TOY, "n": 32, "steps_per_iter": 20, "dt": 1.0, "friction": 0.05, "p_reset": 0.0}
+    select = {"rule": "last", "every": 50, "after": 0.5, "max_gap": 100.0}
+    base = {"lam": 1.0, "iterations": 150, "lr": 0.05, "batch_size": 32, "rho_energy": 0.01, "rho_forces": 0.99,
+            "grad_clip": 100.0, "ema_decay": 0.0, "seed": 0}
+    return CRMSEConfig(ChainConfig(**{**chain, **(chains or {})}), SelectionConfig(**{**select, **(selection or {})}),
+                       **{**base, **kw})
+
+
+def _holes(**kw) -> HoleConfig:
+    """A toy hole term: 64 slots, no scouts, no projection."""
+    return HoleConfig(**{"slots": 64, "weight": 1.0, "scouts": ScoutConfig(0), "projection": Projection.OFF, **kw})
+
+
+def _run(model, data, cfg, holes=None, stability=None, detector=_in_well):
+    return train_crmse(model, data, data, cfg, holes, stability, detector, progress=False)
+
+
+def test_configs_from_the_params_sections():
+    crmse = {
+        "lam": 0.5, "iterations": 300, "lr": 2e-4, "batch_size": 16, "rho_energy": 0.02, "rho_forces": 0.98,
+        "grad_clip": 5.0, "ema_decay": 0.9,
+        "chains": {"n": 8, "steps_per_iter": 10, "temperature": "auto", "dt": 0.25, "friction": 0.02, "p_reset": 0.1},
+        "selection": {"rule": "best_val_forces", "every": 25, "after": 0.4, "max_gap": 2.0, "max_energy_rise": 0.2},
+    }
+    cfg = CRMSEConfig.from_params(crmse, 321.0, 7)
+    assert cfg.chains == ChainConfig(321.0, 8, 10, 0.25, 0.02, 0.1)  # temperature: the resolved value, K
+    assert cfg.selection == SelectionConfig("best_val_forces", 25, 0.4, 2.0, 0.2)
+    assert (cfg.lam, cfg.iterations, cfg.lr, cfg.batch_size, cfg.ema_decay, cfg.seed) == (0.5, 300, 2e-4, 16, 0.9, 7)
+    memory = {"slots": 128, "weight": 2.0, "scouts": {"n": 4, "temperature_ratio": 2.5}, "projection": "fit_and_energy"}
+    assert HoleConfig.from_params(memory) == HoleConfig(128, 2.0, ScoutConfig(4, 2.5), Projection.FIT_AND_ENERGY)
+    with pytest.raises(ValueError):
+        HoleConfig.from_params({**memory, "projection": "both"})
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        SelectionConfig(rule="best")
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -110,7 +150,7 @@ def test_contrastive_gradient_is_the_kl_gradient(weighted):
     R_chain[:, 1] *= 1.9 / R_chain[:, 1].norm(dim=-1, keepdim=True)  # chains sitting in the well
     beta = 1 / (KB * T_TOY)
     R_chain[::2, 1] *= 1.2  # chains at several places in the well
-    # weights: 0 = a dead chain, 5 = an up-weighted (spurious) chain
+    # weights: 0 = a dead chain, 5 = an up-weighted chain
     w = torch.tensor([1.0, 5.0, 0.0, 1.0] * 4, dtype=torch.float64) if weighted else torch.ones(16, dtype=torch.float64)
     E_data = model.energy(R_data)
     loss, _ = contrastive_loss(E_data, model, R_chain, beta, w if weighted else None)
@@ -148,9 +188,8 @@ def test_dead_chains_are_left_out_of_the_mean():
 def test_blown_up_chains_restart_from_training_frames_and_are_counted():
     model = ToyDiatomic(A=0.0)
     data = _toy_data(32)
-    cfg = _cfg(n_chains=8, p_reset=0.0)
     gen = torch.Generator().manual_seed(0)
-    chains = PersistentChains(model, torch.as_tensor(data.R), masses(data.z), cfg, None, gen)
+    chains = PersistentChains(model, torch.as_tensor(data.R), masses(data.z), _cfg(chains={"n": 8}).chains, None, gen)
     chains.state.R[3] = float("nan")  # one chain explodes
     chains.state.alive[3] = False
     stats = chains.advance(5)
@@ -166,8 +205,7 @@ def test_lambda_zero_is_mse_fine_tuning_whatever_the_chains_do():
     runs = []
     for temperature, p_reset in ((200.0, 0.0), (900.0, 0.3)):
         model = ToyDiatomic(k=15.0, A=12.0)
-        cfg = _cfg(lam=0.0, temperature=temperature, p_reset=p_reset, iterations=30)
-        train_crmse(model, data, data, cfg, progress=False)
+        _run(model, data, _cfg(lam=0.0, iterations=30, chains={"temperature": temperature, "p_reset": p_reset}))
         runs.append({k: v.clone() for k, v in model.state_dict().items()})
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key])
@@ -191,7 +229,7 @@ def test_crmse_raises_a_spurious_well_that_mse_cannot_see():
     models = {}
     for name, lam in (("mse", 0.0), ("crmse", 1.0)):
         model = ToyDiatomic(A=12.0)
-        train_crmse(model, data, data, _cfg(lam=lam, iterations=200, lr=0.1), progress=False)
+        _run(model, data, _cfg(lam=lam, iterations=200, lr=0.1))
         models[name] = model
     assert models["mse"].A.item() == 12.0
     assert models["crmse"].A.item() < 9.0  # the well was raised by > 3 kcal/mol
@@ -215,8 +253,7 @@ def test_selected_weights_come_with_their_own_energy_offset():
     data = _toy_data(64)
     model = ToyDiatomic(A=0.0)
     model.c += 5.0
-    cfg = _cfg(lam=1.0, iterations=20, eval_every=5, selection="best_val_forces", select_after=0.0)
-    train_crmse(model, data, data, cfg, progress=False)
+    _run(model, data, _cfg(iterations=20, selection={"every": 5, "rule": "best_val_forces", "after": 0.0}))
     residual = data.E - model.energy(torch.as_tensor(data.R)).detach().numpy()
     assert abs(residual.mean()) < 1e-9
 
@@ -225,8 +262,8 @@ def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_t
     data = _toy_data(128)
 
     model = ToyDiatomic(A=12.0)
-    cfg = _cfg(iterations=200, lr=0.1, eval_every=20, select_after=0.0, selection="fewest_chain_failures")
-    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
+    res = _run(model, data, _cfg(iterations=200, lr=0.1,
+                                 selection={"every": 20, "after": 0.0, "rule": "fewest_chain_failures"}))
     failures = {int(r["iteration"]): r["chain_failures"] for r in res.val_log}
     assert max(failures.values()) > 0  # the chains did fall into the well early on
     assert failures[res.selected_iteration] == min(failures.values())
@@ -247,24 +284,28 @@ def test_fewest_chain_failures_selects_a_checkpoint_whose_chains_stayed_out_of_t
 )
 def test_selection_skips_checkpoints_whose_energy_error_rose(monkeypatch, max_energy_rise, selected, note):
     import crmse.contrastive as contrastive
+    import crmse.selection as selection
 
     # Validation errors (energy MAE, force MAE) of the starting model, then of iterations 10, 20, ..., 60.
     scripted = iter([(1.0, 9.9), (1.05, 3.0), (1.02, 2.5), (1.30, 2.0), (1.20, 2.2), (1.09, 2.6), (1.5, 2.1)])
     if not math.isfinite(max_energy_rise):
         next(scripted)  # no guard: the starting model is not evaluated
-    monkeypatch.setattr(
-        contrastive, "evaluate_errors",
-        lambda *a, **k: dict(zip(("energy_mae", "force_mae"), next(scripted), strict=True)),
-    )
+
+    def errors(*args, **kwargs):
+        return dict(zip(("energy_mae", "force_mae"), next(scripted), strict=True))
+
+    monkeypatch.setattr(contrastive, "evaluate_errors", errors)
+    monkeypatch.setattr(selection, "evaluate_errors", errors)
     data = _toy_data(32)
-    cfg = _cfg(iterations=60, eval_every=10, select_after=0.0, selection="best_val_forces",
-               max_energy_rise=max_energy_rise)
-    res = train_crmse(ToyDiatomic(A=0.0), data, data, cfg, progress=False)
+    cfg = _cfg(iterations=60, selection={"every": 10, "after": 0.0, "rule": "best_val_forces",
+                                         "max_energy_rise": max_energy_rise})
+    res = _run(ToyDiatomic(A=0.0), data, cfg)
     assert res.selected_iteration == selected
     assert note in res.selection_note
 
 
-def test_flagged_chains_enter_the_chain_mean_with_spurious_weight(monkeypatch):
+def test_the_chain_mean_weighs_every_live_chain_alike(monkeypatch):
+    # Flagged chains enter L_C like any other live chain (weight 1); dead chains are left out (weight 0).
     import crmse.contrastive as contrastive
 
     seen = []
@@ -277,12 +318,12 @@ def test_flagged_chains_enter_the_chain_mean_with_spurious_weight(monkeypatch):
         return (R[:, 1] - R[:, 0]).norm(dim=-1) < 1.0  # about half of the chains at any time
 
     monkeypatch.setattr(contrastive, "contrastive_loss", recording_loss)
-    train_crmse(ToyDiatomic(A=0.0), _toy_data(64), _toy_data(64), _cfg(iterations=5, spurious_weight=7.0),
-                spurious=short_bond, progress=False)
-    for R, w in seen:
+    res = _run(ToyDiatomic(A=0.0), _toy_data(64), _cfg(iterations=5), detector=short_bond)
+    for (R, w), row in zip(seen, res.log, strict=True):
         flagged = short_bond(R, None)
         assert 0 < int(flagged.sum()) < len(flagged)
-        torch.testing.assert_close(w, torch.where(flagged, 7.0, 1.0).to(w.dtype))
+        assert row["n_spurious"] == int(flagged.sum())
+        torch.testing.assert_close(w, torch.ones_like(w))
 
 
 def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
@@ -297,8 +338,8 @@ def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     model = ToyDiatomic(k=15.0, A=12.0)
     average = [p.detach().clone() for p in model.parameters()]
-    res = train_crmse(model, _toy_data(64), _toy_data(64), _cfg(iterations=12, lr=0.1, ema_decay=0.7), progress=False)
-    assert "moving average, decay 0.7" in res.selection_note  # recorded in crmse_metrics.json and the report
+    res = _run(model, _toy_data(64), _cfg(iterations=12, lr=0.1, ema_decay=0.7))
+    assert "moving average, decay 0.7" in res.selection_note  # recorded in <arm>_metrics.json and the report
     for step in live:
         average = [0.7 * a + 0.3 * w for a, w in zip(average, step, strict=True)]
     for got, want in zip(model.parameters(), average, strict=True):
@@ -307,8 +348,6 @@ def test_ema_decay_selects_the_polyak_average_of_the_live_weights(monkeypatch):
 
 
 def test_hole_memory_keeps_the_newest_flagged_configurations():
-    from crmse.contrastive import HoleMemory
-
     memory = HoleMemory(3, torch.zeros(2, 3, dtype=torch.float64))
     frames = torch.arange(5, dtype=torch.float64)[:, None, None].expand(5, 2, 3).clone()  # frame k is all k
     memory.add(frames, torch.tensor([False, True, False, True, False]))
@@ -321,18 +360,18 @@ def test_hole_memory_keeps_the_newest_flagged_configurations():
     assert set(drawn.tolist()) == {10.0, 11.0, 12.0}
 
 
-@pytest.mark.parametrize(("hole_weight", "projection"), [(0.0, False), (1.0, False), (1.0, True)])
-def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_no_further(hole_weight, projection):
+@pytest.mark.parametrize(("weight", "projection"), [(0.0, Projection.OFF), (1.0, Projection.OFF),
+                                                    (1.0, Projection.FIT)])
+def test_hole_memory_lifts_remembered_holes_to_the_highest_training_energy_and_no_further(weight, projection):
     # λ = 0: MSE cannot see the well (A has no MSE gradient), so only the remembered-hole hinge can raise it;
     # the projection removes only what opposes the fit, which here is nothing.
     data = _toy_data(128)
 
     model = ToyDiatomic(A=12.0)
-    cfg = _cfg(lam=0.0, iterations=300, lr=0.05, hole_memory=64, hole_weight=hole_weight, hole_projection=projection)
-    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
+    res = _run(model, data, _cfg(lam=0.0, iterations=300, lr=0.05), _holes(weight=weight, projection=projection))
     stored = [r["holes_stored"] for r in res.log]
     assert max(stored) > 0  # chains fell into the well and were remembered
-    if hole_weight == 0:
+    if weight == 0:
         assert model.A.item() == 12.0
         return
     ceiling = float(np.max(data.E))
@@ -351,37 +390,28 @@ def test_hot_scouts_find_a_hole_behind_a_barrier_the_chains_do_not_cross(scouts)
     data = _toy_data(128)
 
     model = ToyDiatomic(A=12.0)
-    cfg = _cfg(lam=0.0, temperature=100.0, iterations=150, lr=0.05, hole_memory=64, scout_chains=scouts,
-               scout_temperature_ratio=3.0)
-    res = train_crmse(model, data, data, cfg, spurious=_in_well, progress=False)
+    cfg = _cfg(lam=0.0, iterations=150, lr=0.05, chains={"temperature": 100.0})
+    res = _run(model, data, cfg, _holes(scouts=ScoutConfig(scouts, temperature_ratio=3.0)))
     assert sum(r["n_spurious"] for r in res.log) == 0  # the chains themselves never reach the well
     if scouts == 0:
         assert res.log[-1]["holes_stored"] == 0 and model.A.item() == 12.0
+        assert all(math.isnan(r["scout_spurious"]) and math.isnan(r["scout_blowups"]) for r in res.log)
     else:
         assert sum(r["scout_spurious"] for r in res.log) > 0
         assert model.A.item() < 9.0  # what the scouts found was lifted
 
 
-@pytest.mark.parametrize(("what", "kw"), [("scout_chains > 0", {"scout_chains": 4}),
-                                          ("remember_blowups", {"remember_blowups": True})])
-def test_what_feeds_a_hole_memory_is_refused_without_one(what, kw):
-    with pytest.raises(ValueError, match=f"{what} needs hole_memory > 0"):
-        train_crmse(ToyDiatomic(), _toy_data(16), _toy_data(16), _cfg(**kw), spurious=lambda R, E: E < 0,
-                    progress=False)
-
-
 @pytest.mark.parametrize("hole_sign", [-1.0, 1.0])
 def test_projected_hole_gradient_never_opposes_the_fit(hole_sign):
     # Linear losses with known gradients a (fit) and b (hole): a·b < 0 conflicts, a·b > 0 does not.
-    from crmse.contrastive import _combine_hole_gradient
-
     theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     a = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
     b = hole_sign * torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)
-    for project in (False, True):
-        stats = _combine_hole_gradient([theta], (a * theta).sum(), (b * theta).sum(), project)
+    for projection in (Projection.OFF, Projection.FIT):
+        stats = combine_hole_gradient([theta], (a * theta).sum(), (b * theta).sum(), projection)
         assert stats["grad_cos"].item() == pytest.approx((a @ b / (a.norm() * b.norm())).item())
-        if project and hole_sign < 0:
+        assert math.isnan(stats["grad_cos_energy"].item())  # only fit_and_energy projects off the energy term
+        if projection is Projection.FIT and hole_sign < 0:
             # The hole part left is orthogonal to the fit's gradient: its first-order effect on the fit is zero.
             assert (theta.grad - a) @ a == pytest.approx(0.0, abs=1e-12)
             assert torch.allclose(theta.grad, a + b - (a @ b) / (a @ a) * a)
@@ -392,48 +422,70 @@ def test_projected_hole_gradient_never_opposes_the_fit(hole_sign):
 def test_energy_projection_leaves_a_hole_gradient_that_never_opposes_the_energy_term():
     # fit = energy term e + force term f; the hole gradient b agrees with the fit (no first projection) but
     # opposes e, the direction that would bend relative energies inside the data's range.
-    from crmse.contrastive import _combine_hole_gradient
-
     theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     e = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     f = torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)
     b = torch.tensor([-2.0, 3.0, 1.0], dtype=torch.float64)
     fit = (e * theta).sum() + (f * theta).sum()
     assert (e + f) @ b > 0 and e @ b < 0
-    stats = _combine_hole_gradient([theta], fit, (b * theta).sum(), True, (e * theta).sum())
+    stats = combine_hole_gradient([theta], fit, (b * theta).sum(), Projection.FIT_AND_ENERGY, (e * theta).sum())
     hole_left = theta.grad - (e + f)
     assert hole_left @ e == pytest.approx(0.0, abs=1e-12)  # the energy term's first-order change is zero
     assert torch.allclose(hole_left, torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64))
     assert stats["grad_cos_energy"].item() == pytest.approx((e @ b / (e.norm() * b.norm())).item())
     theta.grad = None
-    _combine_hole_gradient([theta], (e * theta).sum() + (f * theta).sum(), (b * theta).sum(), True)
-    assert torch.allclose(theta.grad, e + f + b)  # without it the hole gradient passes unchanged
+    combine_hole_gradient([theta], (e * theta).sum() + (f * theta).sum(), (b * theta).sum(), Projection.FIT)
+    assert torch.allclose(theta.grad, e + f + b)  # projected off the fit only, the hole gradient passes unchanged
 
 
-def test_energy_projection_without_hole_projection_is_refused():
-    with pytest.raises(ValueError, match="energy_projection needs hole_projection"):
-        train_crmse(ToyDiatomic(), _toy_data(8), _toy_data(8), _cfg(hole_memory=4, energy_projection=True),
-                    spurious=_in_well, progress=False)
+CRMSE_COLUMNS = {"iteration", "l_mse", "l_c", "gap", "e_data", "e_chain", "e_chain_min", "blowups", "random_resets",
+                 "chain_age", "n_spurious", "d_chain_min", "grad_norm"}
+HOLE_COLUMNS = {"l_hole", "holes_stored", "holes_below_ceiling", "grad_fit_norm", "grad_hole_norm", "grad_cos",
+                "grad_cos_energy", "scout_spurious", "scout_blowups"}
 
 
-@pytest.mark.parametrize("remember", [False, True])
-def test_blown_up_chains_are_remembered_at_their_last_good_positions(remember):
-    # Tolerance 0.5 Å on the toy bond (σ ≈ 0.2 Å at 400 K; training frames lie within it): chains blow up now
-    # and then. The detector never flags anything, so only blow-ups can fill the memory, and only when asked to.
-    from crmse.langevin import StabilityCheck
+@pytest.mark.parametrize(("arm", "holes"), [
+    ("crmse", None),
+    ("crmse_memory", _holes(projection=Projection.FIT)),
+    ("crmse_memory", _holes(scouts=ScoutConfig(4), projection=Projection.FIT_AND_ENERGY)),
+])
+def test_log_columns_are_fixed_per_arm(arm, holes):
+    # Whatever the options and whatever happens (chains falling into the well or not), every row of a run has
+    # its arm's columns: the crmse arm's, and for crmse_memory those plus the hole term's.
+    res = _run(ToyDiatomic(A=12.0), _toy_data(32), _cfg(iterations=6, selection={"every": 3}, ema_decay=0.5), holes)
+    expected = CRMSE_COLUMNS | (HOLE_COLUMNS if arm == "crmse_memory" else set())
+    assert set(res.log_columns) == expected
+    assert res.log_columns == log_columns(holes)
+    assert log_columns(holes)[: len(log_columns(None)) - 1] == log_columns(None)[:-1]  # the crmse arm's come first
+    assert [list(r) for r in res.log] == [list(res.log_columns)] * 6
+    assert [tuple(r) for r in res.val_log] == [VAL_COLUMNS] * 2
+    assert set(VAL_COLUMNS) == {"iteration", "val_energy_mae", "val_force_mae", "gap", "offset_refit", "blowups",
+                                "n_spurious", "chain_failures", "wall_s"}
 
-    data = _toy_data(64)
-    stability = StabilityCheck([[0, 1]], [1.0], tolerance=0.5)
-    chains = PersistentChains(ToyDiatomic(A=0.0), torch.as_tensor(data.R), masses(data.z),
-                              _cfg(n_chains=64, remember_blowups=True), stability, torch.Generator().manual_seed(0))
-    chains.advance(200)
-    assert int(chains.blown.sum()) > 0
-    r = (chains.blown_R[:, 1] - chains.blown_R[:, 0]).norm(dim=-1)
-    assert bool((r[chains.blown] - 1.0).abs().le(0.5).all())  # frozen one step before the failure
-    assert bool((r[chains.blown] - 1.0).abs().gt(0.3).all())  # ... on its way out, not at a restart frame
 
-    never = lambda R, E: torch.zeros_like(E, dtype=torch.bool)  # noqa: E731
-    cfg = _cfg(lam=0.0, n_chains=64, iterations=20, hole_memory=64, remember_blowups=remember)
-    res = train_crmse(ToyDiatomic(A=0.0), data, data, cfg, stability, spurious=never, progress=False)
-    assert sum(r["blowups"] for r in res.log) > 0
-    assert (res.log[-1]["holes_stored"] > 0) == remember
+def test_each_term_writes_its_own_columns():
+    assert set(MSETerm.columns) == {"l_mse"}
+    assert set(ContrastiveTerm.columns) == CRMSE_COLUMNS - {"iteration", "l_mse", "grad_norm"}
+    assert set(HoleTerm.columns) == HOLE_COLUMNS
+    holes = _holes(scouts=ScoutConfig(4), projection=Projection.FIT_AND_ENERGY)
+    res = _run(ToyDiatomic(A=12.0), _toy_data(32), _cfg(iterations=3), holes)
+    nan_by_design = {"d_chain_min"}  # the toy's detector is a plain function: no non-bonded distances
+    for term in (MSETerm, ContrastiveTerm, HoleTerm):
+        for c in set(term.columns) - nan_by_design:
+            assert all(math.isfinite(r[c]) for r in res.log), c
+    assert all(math.isnan(r["d_chain_min"]) for r in res.log)
+
+
+def test_the_same_seed_repeats_a_memory_run_to_the_bit():
+    runs = []
+    for _ in range(2):
+        model = ToyDiatomic(A=12.0)
+        cfg = _cfg(iterations=8, chains={"p_reset": 0.2}, selection={"every": 4, "rule": "best_val_forces",
+                                                                      "after": 0.0}, ema_decay=0.5, seed=3)
+        res = _run(model, _toy_data(32), cfg, _holes(scouts=ScoutConfig(4), projection=Projection.FIT))
+        runs.append((res, {k: v.clone() for k, v in model.state_dict().items()}))
+    (a, sa), (b, sb) = runs
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    nan_equal = lambda x, y: x == y or (math.isnan(x) and math.isnan(y))  # noqa: E731
+    assert all(nan_equal(x[k], y[k]) for x, y in zip(a.log, b.log, strict=True) for k in x)
+    assert a.selected_iteration == b.selected_iteration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import shutil
 import threading
@@ -11,8 +12,19 @@ import numpy as np
 import pytest
 from synthetic import synthetic_arrays, write_synthetic_npz
 
+import crmse.download
 from crmse.data import DataError, load_frames
-from crmse.download import MIRROR_ENV, DownloadError, download, sources
+from crmse.download import (
+    MIRROR_ENV,
+    PINNED_SHA256,
+    UNPINNED_ENV,
+    DownloadError,
+    IntegrityError,
+    download,
+    file_name,
+    sources,
+)
+from crmse.molecules import ATOMIC_NUMBERS
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -47,9 +59,11 @@ def _npz_bytes(tmp_path: Path, **override) -> bytes:
     return write_synthetic_npz(tmp_path / "src" / "f.npz", **override).read_bytes()
 
 
-def _run(tmp_path: Path, base: str, env: dict | None = None, **kw):
+def _run(tmp_path: Path, base: str, env: dict | None = None, pinned: bool = False, **kw):
+    """Download into tmp_path; synthetic files are not pinned, so accept them unless ``pinned`` (the pin tests)."""
     out = tmp_path / "data" / "raw"
-    return download("ethanol", out / "ethanol.npz", out / "ethanol.json", url=base, env=env or {}, backoff=0.01, **kw)
+    env = {**({} if pinned else {UNPINNED_ENV: "1"}), **(env or {})}
+    return download("ethanol", out / "ethanol.npz", out / "ethanol.json", url=base, env=env, backoff=0.01, **kw)
 
 
 def _outputs(tmp_path: Path) -> list[Path]:
@@ -202,3 +216,118 @@ def test_unknown_molecule(tmp_path):
     shutil.copy(write_synthetic_npz(tmp_path / "x.npz"), tmp_path / "y.npz")
     with pytest.raises(ValueError, match="unknown molecule 'benzol'.*aspirin, ethanol"):
         load_frames(tmp_path / "y.npz", "benzol")
+
+
+# -- issue 31.7 / 31.8: integrity (pinned sha256, size cap, schemes) and messages that name the source ------------
+
+
+@pytest.fixture
+def pin(monkeypatch):
+    """Inject a pinned-hash table (the real one pins the project's mirror files, which tests never read)."""
+
+    def _pin(table: dict[str, dict[str, str]]) -> None:
+        monkeypatch.setattr(crmse.download, "PINNED_SHA256", table)
+
+    return _pin
+
+
+def test_a_pinned_file_is_accepted_and_recorded(tmp_path, server, pin):
+    base, handler = server
+    body = _npz_bytes(tmp_path)
+    handler.routes["/md17_ethanol.npz"] = (200, body, {})
+    pin({"md17_ethanol.npz": {hashlib.sha256(body).hexdigest(): "test file"}})
+    meta = _run(tmp_path, base, pinned=True)
+    assert meta["sha256_pinned"] and meta["pinned_as"] == "test file"
+    assert (tmp_path / "data/raw/ethanol.npz").read_bytes() == body
+
+
+def test_a_file_that_is_not_the_pinned_one_is_refused_and_leaves_nothing(tmp_path, server, pin):
+    base, handler = server
+    good = tmp_path / "data/raw/ethanol.npz"
+    write_synthetic_npz(good, seed=1)
+    before = good.read_bytes()
+    body = _npz_bytes(tmp_path)  # valid data, but not the pinned file
+    handler.routes["/md17_ethanol.npz"] = (200, body, {})
+    pin({"md17_ethanol.npz": {"0" * 64: "the real file"}})
+    with pytest.raises(IntegrityError, match=rf"{base}/md17_ethanol.npz: sha256 {hashlib.sha256(body).hexdigest()} is "
+                       rf"not the pinned sha256 of md17_ethanol.npz \(0{{64}}\).*refused.*{UNPINNED_ENV}=1"):
+        _run(tmp_path, base, pinned=True)
+    assert good.read_bytes() == before and sorted(p.name for p in _outputs(tmp_path)) == ["ethanol.npz"]
+    # Your own file needs the explicit opt-in, and is recorded as unpinned.
+    meta = _run(tmp_path, base, pinned=True, env={UNPINNED_ENV: "1"})
+    assert not meta["sha256_pinned"] and meta["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_an_unpinned_mirror_file_is_refused_too(tmp_path, server, pin):
+    base, handler = server
+    mirror = tmp_path / "mirror"
+    write_synthetic_npz(mirror / "md17_ethanol.npz")
+    pin({"md17_ethanol.npz": {"1" * 64: "the real file"}})
+    with pytest.raises(IntegrityError, match=rf"{mirror}/md17_ethanol.npz: sha256"):
+        _run(tmp_path, base, pinned=True, env={MIRROR_ENV: str(mirror)})
+    assert _outputs(tmp_path) == [] and handler.hits == []
+
+
+def test_every_project_file_has_a_pinned_sha256():
+    for molecule in ATOMIC_NUMBERS:
+        for variant in ("md17", "rmd17"):
+            table = PINNED_SHA256[file_name(molecule, variant)]
+            assert table and all(len(h) == 64 and int(h, 16) >= 0 for h in table)
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_a_download_larger_than_the_cap_is_refused(tmp_path, server, announce):
+    base, handler = server
+    body = _npz_bytes(tmp_path)
+    # With a Content-Length the refusal comes before reading; without, once the cap is passed.
+    handler.routes["/md17_ethanol.npz"] = (200, body, {} if announce else {"Content-Length": ""})
+    with pytest.raises(IntegrityError, match="cap"):
+        _run(tmp_path, base, max_bytes=len(body) // 3)
+    assert _outputs(tmp_path) == []
+
+
+def test_a_mirror_file_larger_than_the_cap_is_refused(tmp_path, server):
+    base, _ = server
+    mirror = tmp_path / "mirror"
+    path = write_synthetic_npz(mirror / "md17_ethanol.npz")
+    with pytest.raises(IntegrityError, match="cap"):
+        _run(tmp_path, base, env={MIRROR_ENV: str(mirror)}, max_bytes=path.stat().st_size - 1)
+
+
+def test_only_http_https_file_and_folders_are_sources(tmp_path):
+    for bad in ("ftp://example.org/npz", "s3://bucket/npz", "gopher://x"):
+        with pytest.raises(ValueError, match="not accepted"):
+            sources(bad, {})
+        with pytest.raises(ValueError, match="not accepted"):
+            sources("http://up", {MIRROR_ENV: bad})
+    assert sources("https://up", {MIRROR_ENV: "/m"}) == ["/m", "https://up"]
+    # file:// works (and is verified like any other source).
+    folder = tmp_path / "files"
+    write_synthetic_npz(folder / "md17_ethanol.npz")
+    meta = _run(tmp_path, folder.as_uri())
+    assert meta["source"] == f"{folder.as_uri()}/md17_ethanol.npz" and meta["frames"] == 120
+
+
+def test_data_errors_name_the_source_not_the_temporary_file(tmp_path, server):
+    base, handler = server
+    handler.routes["/md17_ethanol.npz"] = (200, _npz_bytes(tmp_path, R=np.zeros((120, 8, 3))), {})
+    with pytest.raises(DataError) as err:
+        _run(tmp_path, base)
+    assert str(err.value).startswith(f"{base}/md17_ethanol.npz: R must have shape") and ".part" not in str(err.value)
+    handler.routes["/md17_ethanol.npz"] = (200, b"PK\x03\x04" + b"\x00" * 200, {})
+    with pytest.raises(DataError) as err:
+        _run(tmp_path, base)
+    assert str(err.value).startswith(f"{base}/md17_ethanol.npz: ") and ".part" not in str(err.value)
+
+
+def test_a_text_file_is_called_a_text_file(tmp_path, server):
+    base, handler = server
+    handler.routes["/md17_ethanol.npz"] = (200, b"z R E F\n1.0 2.0 3.0\n" * 10, {})
+    with pytest.raises(DataError, match="a text file") as err:
+        _run(tmp_path, base)
+    assert "pickle" not in str(err.value)
+    text = tmp_path / "notes.npz"
+    text.write_text("frames: 120\natoms: 9\n")
+    with pytest.raises(DataError, match=rf"{text}: not an npz file: a text file") as err:
+        load_frames(text, "ethanol")
+    assert "pickle" not in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from synthetic import write_synthetic_npz
 
-from crmse.io import temperature_variant
+from crmse.artifacts import RunPaths
 from crmse.params import SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,13 +34,16 @@ def test_every_stage_depends_on_its_script_and_declares_known_params():
             if key == "per_molecule.${item.molecule}":
                 assert "molecule" in stage["matrix"], name
                 continue
+            if key == "${item.arm}":  # each post-trained arm's own section
+                assert set(stage["matrix"]["arm"]) <= set(SCHEMA), name
+                continue
             node = SCHEMA
             for part in key.split("."):
                 assert part in node, f"stage {name} declares unknown param {key}"
                 node = node[part]
 
 
-def _project(tmp_path: Path, sizes: str = "[40]", **md) -> Path:
+def _project(tmp_path: Path, sizes: str = "[40]", arms: list[str] | None = None, **md) -> Path:
     """A copy of the repository's pipeline definition in a fresh git+DVC project."""
     proj = tmp_path / "proj"
     for item in ("src", "pipelines", "dvc.yaml", "params.yaml"):
@@ -50,16 +54,24 @@ def _project(tmp_path: Path, sizes: str = "[40]", **md) -> Path:
     params["train_sizes"] = yaml.safe_load(sizes)
     params["split"].update(n_val=10, n_test=20)
     params["md"].update(md)
+    if arms:
+        params["arms"] = arms
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     subprocess.run([*DVC, "init", "-q"], cwd=proj, check=True)
     return proj
 
 
-def _repro(proj: Path, mirror: Path, *targets: str) -> str:
-    env = {**os.environ, "CRMSE_DATA_MIRROR": str(mirror), "PYTHONPATH": str(proj / "src")}
+def _run_repro(proj: Path, mirror: Path, *targets: str) -> subprocess.CompletedProcess:
+    # A synthetic file has no pinned sha256.
+    env = {**os.environ, "CRMSE_DATA_MIRROR": str(mirror), "CRMSE_DATA_ALLOW_UNPINNED": "1",
+           "PYTHONPATH": str(proj / "src")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    out = subprocess.run([*DVC, "repro", *targets], cwd=proj, env=env, capture_output=True, text=True)
+    return subprocess.run([*DVC, "repro", *targets], cwd=proj, env=env, capture_output=True, text=True)
+
+
+def _repro(proj: Path, mirror: Path, *targets: str) -> str:
+    out = _run_repro(proj, mirror, *targets)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -93,15 +105,41 @@ def _stage_list(proj: Path) -> list[str]:
     return out.stdout.split()
 
 
-def test_temperature_ablation_adds_stages_only_when_asked(tmp_path):
+def test_temperatures_and_arms_are_matrix_axes_with_one_path_scheme(tmp_path):
     plain = _stage_list(_project(tmp_path / "a"))
-    assert not [s for s in plain if "ablation" in s]
-    proj = _project(tmp_path / "b", ablation_temperatures=[500])
+    for arm in ("mse", "crmse", "crmse_memory"):
+        assert f"sample@ethanol-40-0-auto-{arm}" in plain and f"evaluate@ethanol-40-0-auto-{arm}" in plain
+    assert "posttrain@ethanol-40-0-crmse" in plain and "posttrain@ethanol-40-0-crmse_memory" in plain
+    assert "reference@ethanol-40-0-auto" in plain and "report@ethanol-40-0-auto" in plain
+    assert not [s for s in plain if "-500" in s]
+    proj = _project(tmp_path / "b", temperatures=["auto", 500])
     stages = _stage_list(proj)
-    for model in ("mse", "crmse"):
-        assert f"sample_ablation@ethanol-40-0-500-{model}" in stages
-    assert "evaluate_ablation@ethanol-40-0-500" in stages and "report_ablation@ethanol-40-0-500" in stages
-    # The main branches are untouched, and the ablation writes where the scripts read (same folder name).
+    for arm in ("mse", "crmse", "crmse_memory"):
+        assert f"sample@ethanol-40-0-500-{arm}" in stages and f"audit@ethanol-40-0-500-{arm}" in stages
+    assert "report@ethanol-40-0-500" in stages and "posttrain@ethanol-40-0-crmse" in stages
     assert set(plain) <= set(stages)
+    # The stages write where the scripts read: the folder crmse.artifacts.RunPaths builds.
     shown = subprocess.run([*DVC, "stage", "list"], cwd=proj, capture_output=True, text=True).stdout
-    assert f"results/ethanol/n40/s0/{temperature_variant('500')}/mse" in shown
+    assert str(RunPaths("ethanol", 40, 0).samples_dir(500, "crmse_memory")) in shown
+    # Fewer arms: fewer sampled branches (both CRMSE recipes are still trained).
+    two = _stage_list(_project(tmp_path / "c", arms=["mse", "crmse_memory"]))
+    assert "sample@ethanol-40-0-auto-crmse" not in two and "sample@ethanol-40-0-auto-crmse_memory" in two
+
+
+@pytest.mark.slow
+def test_a_misspelt_param_fails_dvc_repro(tmp_path):
+    """A key no stage declares (md.n_replica) is caught by check_params, not silently ignored."""
+    mirror = tmp_path / "mirror"
+    write_synthetic_npz(mirror / "md17_ethanol.npz", n=150)
+    proj = _project(tmp_path)
+    _repro(proj, mirror, "split")
+    for edit in (lambda p: p["md"].update(n_replica=8), lambda p: p.update(seed=[1])):
+        params = yaml.safe_load((proj / "params.yaml").read_text())
+        good = copy.deepcopy(params)
+        edit(params)
+        (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = _run_repro(proj, mirror, "split")
+        assert out.returncode != 0 and "unknown key" in out.stderr, out.stdout + out.stderr
+        (proj / "params.yaml").write_text(yaml.safe_dump(good, sort_keys=False))
+    # A valid edit of an undeclared-by-split key reruns check_params only.
+    assert "Running stage 'split" not in _repro(proj, mirror, "split")

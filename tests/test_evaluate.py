@@ -1,4 +1,4 @@
-"""The evaluate stage end-to-end on tiny synthetic inputs: stand-in checkpoints and fake samples.npz."""
+"""The reference and evaluate stages end to end on tiny synthetic inputs: stand-in checkpoints, fake samples.npz."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ import torch
 import yaml
 from synthetic import collapse_methyl_h, synthetic_arrays
 
+from crmse.artifacts import ArtifactError, RunPaths, load_samples
 from crmse.data import Frames
-from crmse.evaluate import EvaluateError, evaluate_run, load_samples
-from crmse.io import read_json, run_dir, write_json, write_npz
+from crmse.evaluate import REPLICA_COLUMNS, EvaluateError, evaluate_arm, evaluate_reference
+from crmse.io import read_json, write_json, write_npz
 from crmse.model import build_model, save_checkpoint
 from crmse.params import load_params
 from crmse.temperature import frames_temperature
 
 REPO = Path(__file__).resolve().parents[1]
-MOL, SIZE, SEED = "ethanol", 20, 0
+MOL, SIZE, SEED, T = "ethanol", 20, 0, "500"
+ARMS = ("mse", "crmse")
 TINY = {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 1, "n_rbf": 8, "cutoff": 5.0, "dtype": "float32"}
 T_FRAMES, M = 10, 4
 
@@ -31,12 +33,15 @@ def _frames(a: dict) -> Frames:
     return Frames(a["z"], a["R"], a["E"].reshape(-1), a["F"], a["md17_index"])
 
 
+def _paths(root: Path) -> RunPaths:
+    return RunPaths(MOL, SIZE, SEED, root)
 
 
 def _make_inputs(root: Path) -> dict:
     a = synthetic_arrays(MOL, 140, seed=0)
     frames = _frames(a)
-    split = run_dir(root / "data/splits", MOL, SIZE, SEED)
+    paths = _paths(root)
+    split = paths.split_dir
     train, test = frames.subset(np.arange(20)), frames.subset(np.arange(20, 40))
     pool = frames.subset(np.arange(20, 140))  # test ⊂ reference, as in the real split
     test.save(split / "test.npz")
@@ -44,7 +49,7 @@ def _make_inputs(root: Path) -> dict:
     for k, name in enumerate(("mse", "crmse")):
         torch.manual_seed(k)
         model = build_model(frames.z, TINY, train)
-        save_checkpoint(model, run_dir(root / "models", MOL, SIZE, SEED) / f"{name}.pt", {"stand_in": True})
+        save_checkpoint(model, paths.checkpoint(name), {"stand_in": True})
 
     rng = np.random.default_rng(5)
     start = pool.R[:M]
@@ -63,7 +68,7 @@ def _make_inputs(root: Path) -> dict:
     for name, s in samples.items():
         T_kin = np.where(np.isfinite(s["E"]), 500.0 + rng.normal(0, 20, (T_FRAMES, M)), np.nan)
         write_npz(
-            run_dir(root / "results", MOL, SIZE, SEED) / name / "samples.npz",
+            paths.samples_dir(T, name) / "samples.npz",
             R=s["R"].astype(np.float32),
             E=s["E"],
             T_kin=T_kin,
@@ -74,7 +79,7 @@ def _make_inputs(root: Path) -> dict:
         )
     # the sample stage's summary: its T_conf of the samples is used as is (crmse only here)
     summary = {"T_conf_samples_K": 612.5, "T_conf_frames": 512}
-    write_json(run_dir(root / "results", MOL, SIZE, SEED) / "crmse" / "sample.json", summary)
+    write_json(paths.samples_dir(T, "crmse") / "sample.json", summary)
     return {"pool": pool, "test": test, "samples": samples}
 
 
@@ -89,7 +94,9 @@ def evaluated(tmp_path_factory) -> tuple[Path, dict, dict]:
     root = tmp_path_factory.mktemp("run")
     torch.set_num_threads(1)
     inputs = _make_inputs(root)
-    metrics = evaluate_run(MOL, SIZE, SEED, _params(), root=root, device="cpu", progress=False)
+    metrics = evaluate_reference(_paths(root), T, _params())
+    for arm in ARMS:
+        metrics[arm] = evaluate_arm(_paths(root), T, arm, _params(), device="cpu", progress=False)
     return root, inputs, metrics
 
 
@@ -105,13 +112,14 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 
 def test_metrics_json_is_flat_numeric_and_complete(evaluated):
     root, _, metrics = evaluated
-    path = run_dir(root / "metrics", MOL, SIZE, SEED) / "metrics.json"
-    on_disk = read_json(path)
-    assert set(on_disk) == {"mse", "crmse", "reference", "noise_floor"}
+    paths = _paths(root)
+    reference = read_json(paths.reference_dir(T) / "metrics.json")
+    assert set(reference) == {"reference", "noise_floor"}
+    on_disk = {**reference, **{arm: read_json(paths.metrics_dir(T, arm) / "metrics.json") for arm in ARMS}}
     leaves = _leaves(on_disk)
-    assert all(k.count(".") == 1 for k in leaves), "metrics.json must be two levels deep"
+    assert all(k.count(".") == 1 for k in leaves), "each metrics.json must be flat (sections for the reference)"
     assert all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in leaves.values())
-    for m in ("mse", "crmse"):
+    for m in ARMS:
         for key in (
             "test_energy_mae",
             "test_forces_mae",
@@ -123,6 +131,7 @@ def test_metrics_json_is_flat_numeric_and_complete(evaluated):
             "T_set",
             "T_kin",
             "T_conf",
+            "T_conf_pool_laplacian",
             "energy_w1",
             "energy_mean_shift",
             "hr_mae",
@@ -132,7 +141,7 @@ def test_metrics_json_is_flat_numeric_and_complete(evaluated):
             "dihedral_methyl_unvisited",
         ):
             assert key in on_disk[m], (m, key)
-    for key in ("energy_min", "energy_mean", "energy_std", "T_conf_mse_laplacian", "T_conf_crmse_laplacian"):
+    for key in ("energy_min", "energy_mean", "energy_std", "spurious_distance_threshold"):
         assert key in on_disk["reference"]
     for key in ("energy_w1", "hr_mae", "dihedral_methyl_rmse", "dihedral_hydroxyl_unvisited"):
         assert on_disk["noise_floor"][key] is not None
@@ -165,7 +174,7 @@ def test_metrics_values_follow_the_inputs(evaluated):
     # test accuracy equals a direct evaluation of the checkpoint
     from crmse.model import load_checkpoint
 
-    model, _ = load_checkpoint(run_dir(root / "models", MOL, SIZE, SEED) / "mse.pt")
+    model, _ = load_checkpoint(_paths(root).checkpoint("mse"))
     E, F = model.energy_and_forces(torch.as_tensor(test.R, dtype=torch.float32))
     assert mse["test_energy_mae"] == pytest.approx(np.abs(E.numpy() - test.E).mean(), rel=1e-6)
     assert mse["test_forces_mae"] == pytest.approx(np.abs(F.numpy() - test.F).mean(), rel=1e-5)
@@ -187,7 +196,7 @@ def test_metrics_values_follow_the_inputs(evaluated):
         expect = frames_temperature(model.energy, pool.R[sel], pool.F[sel], 16, "cpu", torch.float32)
     except ValueError:
         expect = None
-    assert ref["T_conf_mse_laplacian"] == pytest.approx(expect)
+    assert mse["T_conf_pool_laplacian"] == pytest.approx(expect)
 
 
 def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
@@ -198,21 +207,26 @@ def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
 
 def test_plot_tables(evaluated):
     root, inputs, _ = evaluated
-    plots = run_dir(root / "metrics", MOL, SIZE, SEED) / "plots"
-    names = sorted(str(p.relative_to(plots)) for p in plots.rglob("*.csv"))
-    expect = [f"hr/{s}.csv" for s in ("crmse", "mse", "reference")]
-    expect += [f"energy/{s}.csv" for s in ("crmse", "mse", "reference")]
-    expect += [f"dihedral/{t}_{s}.csv" for t in ("hydroxyl", "methyl") for s in ("crmse", "mse", "reference")]
-    expect += [f"parity/{k}_{m}.csv" for k in ("energy", "forces") for m in ("crmse", "mse")]
-    expect += ["stability/crmse.csv", "stability/mse.csv"]
-    assert names == sorted(expect)
-    header, hr = _read_csv(plots / "hr/reference.csv")
+    paths = _paths(root)
+    ref_plots = paths.reference_dir(T) / "plots"
+    names = sorted(str(p.relative_to(ref_plots)) for p in ref_plots.rglob("*.csv"))
+    assert names == sorted(["hr/reference.csv", "energy/reference.csv", "dihedral/hydroxyl_reference.csv",
+                            "dihedral/methyl_reference.csv"])
+    for arm in ARMS:
+        plots = paths.metrics_dir(T, arm) / "plots"
+        names = sorted(str(p.relative_to(plots)) for p in plots.rglob("*.csv"))
+        expect = [f"hr/{arm}.csv", f"energy/{arm}.csv", f"stability/{arm}.csv"]
+        expect += [f"dihedral/{t}_{arm}.csv" for t in ("hydroxyl", "methyl")]
+        expect += [f"parity/{k}_{arm}.csv" for k in ("energy", "forces")]
+        assert names == sorted(expect)
+    header, hr = _read_csv(ref_plots / "hr/reference.csv")
     assert header == ["r_A", "h"] and hr.shape == (500, 2)
     assert np.sum(hr[:, 1]) * (10 - 1e-6) / 500 == pytest.approx(1.0, rel=1e-5)
-    header, e = _read_csv(plots / "energy/reference.csv")
+    header, e = _read_csv(ref_plots / "energy/reference.csv")
     assert header == ["energy_rel_kcal_mol", "density"] and len(e) == 60
-    header, f = _read_csv(plots / "dihedral/methyl_reference.csv")
+    header, f = _read_csv(ref_plots / "dihedral/methyl_reference.csv")
     assert header == ["phi_deg", "F_kcal_mol"] and f[:, 1].min() == 0.0 and np.all(np.abs(f[:, 0]) < 180)
+    plots = paths.metrics_dir(T, "mse") / "plots"
     header, st = _read_csv(plots / "stability/mse.csv")
     assert header == ["time_ps", "stable_fraction"]
     np.testing.assert_allclose(st[:, 1], [1] * 7 + [0.75] * 3)
@@ -222,19 +236,38 @@ def test_plot_tables(evaluated):
     assert len(pf) == 20 * 9 * 3
 
 
+def test_replica_table_and_worst_frame(evaluated):
+    root, inputs, _ = evaluated
+    header, rows = _read_csv(_paths(root).metrics_dir(T, "mse") / "replicas.csv")
+    assert tuple(header) == REPLICA_COLUMNS and len(rows) == M
+    col = {name: rows[:, i] for i, name in enumerate(header)}
+    # replica 1 enters the H–H state at frame 4 (0.05 ps), 30 kcal/mol below the DFT minimum, and stays
+    assert col["first_spurious_ps"][1] == pytest.approx(0.05) and np.isnan(col["first_spurious_ps"][[0, 2, 3]]).all()
+    assert col["lowest_energy_rel_dft_min"][1] == pytest.approx(-30.0)
+    assert col["spurious_frame_fraction"][1] == pytest.approx(6 / 10)
+    assert col["min_nonbonded_distance_A"][1] == pytest.approx(0.8, abs=1e-5)
+    # replica 3 blows up at frame 7 (0.08 ps); the others stay stable
+    assert col["first_unstable_ps"][3] == pytest.approx(0.08) and np.isnan(col["first_unstable_ps"][:3]).all()
+    worst = read_json(_paths(root).metrics_dir(T, "mse") / "worst_frame.json")
+    assert worst["replica"] == 1 and worst["energy_rel_dft_min"] == pytest.approx(-30.0)
+    R = np.asarray(worst["R"])
+    i, j = worst["closest_pair"]
+    assert R.shape == (9, 3) and np.linalg.norm(R[i] - R[j]) == pytest.approx(0.8, abs=1e-5)
+
+
 def test_missing_samples_is_a_clear_error(tmp_path):
     _make_inputs(tmp_path)
-    missing = run_dir(tmp_path / "results", MOL, SIZE, SEED) / "crmse" / "samples.npz"
+    missing = _paths(tmp_path).samples_dir(T, "crmse") / "samples.npz"
     missing.unlink()
     with pytest.raises(EvaluateError, match=r"crmse/samples\.npz"):
-        evaluate_run(MOL, SIZE, SEED, _params(), root=tmp_path, progress=False)
-    assert not (run_dir(tmp_path / "metrics", MOL, SIZE, SEED) / "metrics.json").exists()
+        evaluate_arm(_paths(tmp_path), T, "crmse", _params(), progress=False)
+    assert not (_paths(tmp_path).metrics_dir(T, "crmse") / "metrics.json").exists()
 
 
 def test_malformed_samples_are_named(tmp_path):
     path = tmp_path / "samples.npz"
     write_npz(path, R=np.zeros((3, 2, 9, 3)), E=np.zeros((3, 2)), time_ps=np.arange(3.0))
-    with pytest.raises(EvaluateError, match="missing keys.*T_kin"):
+    with pytest.raises(ArtifactError, match="missing keys.*T_kin"):
         load_samples(path)
     write_npz(
         path,
@@ -246,34 +279,29 @@ def test_malformed_samples_are_named(tmp_path):
         z=np.ones(9),
         temperature=np.array(500.0),
     )
-    with pytest.raises(EvaluateError, match=r"E has shape \(3, 3\), expected \(3, 2\)"):
+    with pytest.raises(ArtifactError, match=r"E has shape \(3, 3\), expected \(3, 2\)"):
         load_samples(path)
 
 
-def test_dvc_stage_declares_inputs_outputs_and_plots():
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
-    assert set(stage["matrix"]) == {"molecule", "size", "seed"}
-    deps = stage["deps"]
+def test_dvc_stages_declare_inputs_outputs_and_plots():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     run = "${item.molecule}/n${item.size}/s${item.seed}"
-    for dep in (
-        "pipelines/evaluate.py",
-        "src/crmse/evaluate.py",
-        "src/crmse/observables.py",
-        f"data/splits/{run}",
-        f"models/{run}/mse.pt",
-        f"models/{run}/crmse.pt",
-        f"results/{run}/mse/samples.npz",
-        f"results/{run}/crmse/samples.npz",
-        f"results/{run}/crmse/sample.json",
-    ):
-        assert dep in deps, dep
+    at = f"{run}/T${{item.temperature}}"
+    stage = stages["evaluate"]
+    assert set(stage["matrix"]) == {"molecule", "size", "seed", "temperature", "arm"}
+    arm = "${item.arm}"
+    for dep in ("pipelines/evaluate.py", "src/crmse/evaluate.py", "src/crmse/artifacts.py",
+                f"data/splits/{run}/test.npz", f"data/splits/{run}/reference.npz", f"models/{run}/{arm}.pt",
+                f"results/{at}/{arm}"):
+        assert dep in stage["deps"], dep
     assert "evaluate" in stage["params"]
     (metric,) = stage["metrics"]
-    assert metric == {f"metrics/{run}/metrics.json": {"cache": False}}
-    plots = {next(iter(p)): next(iter(p.values())) for p in stage["plots"]}
-    for kind in ("hr", "energy", "dihedral", "parity", "stability"):
-        props = plots[f"metrics/{run}/plots/{kind}"]
-        assert props["cache"] is False and props["x"] and props["y"]
+    assert metric == {f"metrics/{at}/${{item.arm}}/metrics.json": {"cache": False}}
+    (plots,) = stage["plots"]
+    assert plots == {f"metrics/{at}/${{item.arm}}/plots": {"cache": False}}
+    ref = stages["reference"]
+    assert set(ref["matrix"]) == {"molecule", "size", "seed", "temperature"}
+    assert ref["metrics"] == [{f"metrics/{at}/reference/metrics.json": {"cache": False}}]
 
 
 @pytest.mark.slow
@@ -282,11 +310,12 @@ def test_stage_script_runs_from_a_project_root(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"].update(conf_temperature_frames=4, batch_size=16, noise_blocks=4)
     params["device"] = "cpu"
+    params["md"]["temperatures"] = [500]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     def stage() -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(REPO / "pipelines/evaluate.py"), MOL, str(SIZE), str(SEED)],
+            [sys.executable, str(REPO / "pipelines/evaluate.py"), MOL, str(SIZE), str(SEED), T, "crmse"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -295,27 +324,28 @@ def test_stage_script_runs_from_a_project_root(tmp_path):
 
     out = stage()
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "mse: test E/F MAE" in out.stdout and "crmse:" in out.stdout
-    assert (run_dir(tmp_path / "metrics", MOL, SIZE, SEED) / "metrics.json").exists()
+    assert "crmse: test E/F MAE" in out.stdout
+    assert (_paths(tmp_path).metrics_dir(T, "crmse") / "metrics.json").exists()
     # a missing checkpoint: clear message naming the file, non-zero exit
-    (run_dir(tmp_path / "models", MOL, SIZE, SEED) / "crmse.pt").unlink()
+    _paths(tmp_path).checkpoint("crmse").unlink()
     out = stage()
     assert out.returncode != 0 and "crmse.pt" in out.stderr
 
 
 def test_a_model_without_valid_frames_gets_null_distribution_metrics(tmp_path):
     _make_inputs(tmp_path)
-    path = run_dir(tmp_path / "results", MOL, SIZE, SEED) / "crmse" / "samples.npz"
+    path = _paths(tmp_path).samples_dir(T, "crmse") / "samples.npz"
     with np.load(path) as d:
         arrays = dict(d)
     arrays["unstable_frame"] = np.zeros(M, dtype=np.int64)  # every replica failed before its first frame
     arrays["R"][:] = np.nan
     arrays["E"][:] = np.nan
     write_npz(path, **arrays)
-    metrics = evaluate_run(MOL, SIZE, SEED, _params(), root=tmp_path, progress=False)
-    crmse = metrics["crmse"]
+    crmse = evaluate_arm(_paths(tmp_path), T, "crmse", _params(), progress=False)
+    mse = evaluate_arm(_paths(tmp_path), T, "mse", _params(), progress=False)
     assert crmse["stable_fraction"] == 0.0 and crmse["n_valid_frames"] == 0
     assert crmse["hr_mae"] is None and crmse["dihedral_methyl_rmse"] is None and crmse["T_kin"] is None
-    assert set(crmse) == set(metrics["mse"])  # same keys, so dvc metrics show lines up
-    plots = run_dir(tmp_path / "metrics", MOL, SIZE, SEED) / "plots"
+    assert set(crmse) == set(mse)  # same keys, so dvc metrics show lines up
+    assert read_json(_paths(tmp_path).metrics_dir(T, "crmse") / "worst_frame.json") == {}
+    plots = _paths(tmp_path).metrics_dir(T, "crmse") / "plots"
     assert not (plots / "hr/crmse.csv").exists() and (plots / "stability/crmse.csv").exists()

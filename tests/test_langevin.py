@@ -236,3 +236,84 @@ def test_bad_arguments_are_rejected_with_clear_errors():
     eng, R0 = _ethanol_engine(pot, friction=0.01)
     with pytest.raises(ValueError, match=r"shape \(B, 9, 3\)"):
         eng.init_state(R0)
+
+
+# -- issue 31.9: frozen replicas leave the model's batch; nobody else's trajectory changes ------------------------
+
+
+class _Fuse:
+    """Wraps a potential: a frame whose centroid x passes ``x_max`` gets inverted, amplified forces (it blows up).
+
+    Frame-separable (the fault depends on the frame itself, not its row), as the engine's contract asks;
+    records the batch size of every call.
+    """
+
+    def __init__(self, pot, x_max: float, batch_offset: float = 0.0) -> None:
+        self.pot, self.x_max, self.batch_offset, self.sizes = pot, x_max, batch_offset, []
+
+    def __call__(self, R):
+        self.sizes.append(len(R))
+        E, F = self.pot(R)
+        lit = R[:, :, 0].mean(1) > self.x_max
+        # batch_offset != 0: a model whose result depends on the batch size (as BLAS rounding can make it).
+        return E + self.batch_offset * len(R), torch.where(lit[:, None, None], -5.0 * F, F)
+
+
+def _fused_runs(batch_offset: float = 0.0, steps: int = 600):
+    pot, z, R0 = BondPotential.for_molecule("ethanol")
+    check = StabilityCheck.from_reference(z, synthetic_arrays("ethanol", 50, seed=4)["R"], tolerance=0.5)
+    R = R0[None] + 0.01 * np.random.default_rng(1).standard_normal((12, 9, 3))
+    runs = {}
+    for compact in (False, True):
+        fuse = _Fuse(pot, R0[:, 0].mean() + 0.3, batch_offset)
+        eng = Langevin(fuse, masses(z), 0.5, 500.0, 0.05, check, dtype=torch.float32, compact=compact)
+        state = eng.init_state(R, seed=3)
+        runs[compact] = (eng, state, eng.run(state, steps, 10), fuse)
+    return runs
+
+
+def test_frozen_replicas_leave_the_batch_and_the_others_stay_bit_identical():
+    runs = _fused_runs()
+    (eng0, s0, out0, fuse0), (eng1, s1, out1, fuse1) = runs[False], runs[True]
+    dead = s0.unstable_step.tolist()
+    assert sum(d > 0 for d in dead) == 4 and len({d for d in dead if d > 0}) == 4  # four die, at different steps
+    for k in out0:
+        assert torch.equal(out0[k], out1[k]), k  # every saved frame of every replica, to the bit
+    for k, v in s0.state_dict().items():
+        np.testing.assert_array_equal(v, s1.state_dict()[k], err_msg=k)
+    assert set(fuse0.sizes) == {12}
+    assert min(fuse1.sizes) == 8 and sum(fuse1.sizes) < sum(fuse0.sizes) - 1000  # the frozen ones left the batch
+    assert eng1.compaction["off_reason"] is None and eng1.compaction["checks"] >= 1
+    assert eng1.compaction["rows_skipped"] > 1000 and eng0.compaction["rows_skipped"] == 0
+
+
+def test_compaction_switches_itself_off_when_the_model_depends_on_the_batch_size():
+    runs = _fused_runs(batch_offset=1e-9)
+    (_, _, out0, _), (eng1, _, out1, _) = runs[False], runs[True]
+    assert eng1.compaction["off_reason"] is not None and "depends on the batch size" in eng1.compaction["off_reason"]
+    for k in out0:
+        assert torch.equal(out0[k], out1[k]), k  # the check step used the full batch; nothing changed
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compaction_with_the_schnet_model_changes_no_bit(dtype):
+    """The real model: compacted only where its kernels give the same bits for any batch size (see the report)."""
+    from crmse.data import Frames
+    from crmse.model import build_model
+
+    a = synthetic_arrays("ethanol", 40, 3)
+    fr = Frames(a["z"].astype(np.int64), a["R"], a["E"][:, 0], a["F"], a["md17_index"])
+    torch.manual_seed(0)
+    cfg = {"n_atom_basis": 64, "n_filters": 64, "n_interactions": 1, "n_rbf": 20, "cutoff": 5.0, "dtype": dtype}
+    model = build_model(fr.z, cfg, fr).eval()  # as the sample stage runs it
+    check = StabilityCheck.from_reference(fr.z, fr.R, tolerance=0.3)  # the untrained model: all die, one by one
+    outs = {}
+    for compact in (False, True):
+        eng = Langevin(model.energy_and_forces, masses(fr.z), 0.5, 500.0, 0.05, check, dtype=model.dtype,
+                       compact=compact)
+        state = eng.init_state(fr.R[:8], seed=1)
+        outs[compact] = (eng.run(state, 120, 10), state.unstable_step.clone())
+    assert (outs[False][1] > 0).sum() >= 4
+    for k in outs[False][0]:
+        assert torch.equal(outs[False][0][k], outs[True][0][k]), k
+    assert torch.equal(outs[False][1], outs[True][1])

@@ -182,6 +182,93 @@ def test_checkpoint_refuses_nan_weights_and_rejects_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_checkpoint_bytes_depend_only_on_the_content(tmp_path):
+    """Issue 31.3: the same model saved twice (different paths, different times) is the same bytes."""
+    import zipfile
+
+    model, _ = tiny("ethanol", "float32")
+    a, b = tmp_path / "a" / "mse.pt", tmp_path / "b" / "other_name.pt"
+    save_checkpoint(model, a, {"epochs": 3})
+    save_checkpoint(model, b, {"epochs": 3})
+    assert a.read_bytes() == b.read_bytes()
+    # torch.save to a file names the zip's records after it (an atomic temp name); in memory: "archive/".
+    assert {n.split("/")[0] for n in zipfile.ZipFile(a).namelist()} == {"archive"}
+    export_schnetpack(model, tmp_path / "a" / "spk.pt")
+    export_schnetpack(model, tmp_path / "b" / "x_spk.pt")
+    assert (tmp_path / "a" / "spk.pt").read_bytes() == (tmp_path / "b" / "x_spk.pt").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mse.pt", "spk.pt"]  # no temp file left
+
+
+def test_unreadable_checkpoints_name_the_file_and_never_advise_weights_only_false(tmp_path):
+    """Issue 31.7: a garbage checkpoint gets a clear error naming it, never torch's pickle advice."""
+    from crmse.model import CheckpointError
+
+    model, _ = tiny("ethanol", "float32")
+    good = tmp_path / "good.pt"
+    save_checkpoint(model, good, {})
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = {
+        "text.pt": b"this is not a checkpoint\n" * 20,
+        "truncated.pt": good.read_bytes()[: len(good.read_bytes()) // 2],
+        "random.pt": np.random.default_rng(0).bytes(3000),
+        "empty.pt": b"",
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"format": "crmse-potential-1", "x": Planted()}, tmp_path / "planted.pt")
+    for name in [*bad, "planted.pt"]:
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / name)
+        msg = str(err.value)
+        assert str(tmp_path / name) in msg and "weights_only" not in msg, msg
+        chained = err.value.__cause__ or (None if err.value.__suppress_context__ else err.value.__context__)
+        assert chained is None  # no torch traceback (and its advice) shown above ours
+    assert not marker.exists()  # the planted pickle never ran
+
+
+def test_a_checkpoint_of_other_atoms_or_shapes_is_refused_with_both_atom_lists(tmp_path):
+    """Issue 31.4: load_checkpoint(expected_z=...) is the one place that checks a checkpoint against the data."""
+    from crmse.model import CheckpointError
+
+    model, fr = tiny("ethanol", "float32")
+    path = tmp_path / "mse.pt"
+    save_checkpoint(model, path, {})
+    load_checkpoint(path, expected_z=fr.z)  # the right atoms: fine
+    other = fr.z.copy()
+    other[-1] = 7
+    expected = r"mse\.pt: the checkpoint is for atoms C2H6O \[6, 6, 8, 1, 1, 1, 1, 1, 1\] but the data has C2H5NO \[6"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(path, expected_z=other)
+    aspirin_z = np.array(reference_frame("aspirin")[0])
+    with pytest.raises(CheckpointError, match="C9H8O4"):
+        load_checkpoint(path, expected_z=aspirin_z)  # another size
+    # Weights that do not fit the checkpoint's own config: a clear error, not a bare size mismatch.
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["n_atom_basis"] = 16
+    torch.save(payload, tmp_path / "bent.pt")
+    with pytest.raises(CheckpointError, match=r"bent\.pt: the weights do not fit"):
+        load_checkpoint(tmp_path / "bent.pt")
+
+
+def test_the_head_is_schnetpacks_atomwise_computed_row_by_row():
+    """In eval mode the last head layer is a row-wise dot product (batch-size independent): the same function."""
+    model, fr = tiny("ethanol", "float64")
+    x = torch.randn(50, TINY["n_atom_basis"], dtype=torch.float64)
+    assert torch.equal(model.train()._atom_outputs(x), model.head.outnet(x)[:, 0])  # training: schnetpack's layer
+    torch.testing.assert_close(model.eval()._atom_outputs(x), model.head.outnet(x)[:, 0], rtol=1e-12, atol=1e-12)
+    # Forces are the same bits in both modes; energies agree to rounding.
+    R = torch.tensor(fr.R[:5])
+    E_train, F_train = model.train().energy_and_forces(R)
+    E_eval, F_eval = model.eval().energy_and_forces(R)
+    assert torch.equal(F_train, F_eval)
+    torch.testing.assert_close(E_train, E_eval, rtol=1e-14, atol=1e-9)
+
+
 def test_bad_inputs_give_clear_errors():
     model, fr = tiny("ethanol", "float32")
     with pytest.raises(ValueError, match=r"shape \(B, 9, 3\)"):

@@ -1,4 +1,4 @@
-"""Observables with known answers (DESIGN.md §3, issue 6): geometry, distributions, detectors, noise floor."""
+"""Observables with known answers (docs/method.md §6): geometry, distributions, detectors, noise floor."""
 
 from __future__ import annotations
 

@@ -32,17 +32,18 @@ def test_repository_params_are_valid():
         (("train_sizes",), [], r"train_sizes = \[\].*non-empty"),
         (("train_sizes",), [200, 200], r"duplicate"),
         (("device",), "tpu", r"device = 'tpu'.*'auto', 'cpu', 'cuda'"),
-        (("md", "temperature"), "hot", r"md.temperature = 'hot'.*'auto'"),
-        (("md", "temperature"), -10, r"md.temperature = -10.*> 0"),
+        (("md", "temperatures"), ["auto", "hot"], r"md.temperatures\[1\] = 'hot'.*'auto'"),
+        (("md", "temperatures"), [-10], r"md.temperatures\[0\] = -10.*> 0"),
+        (("md", "temperatures"), [], r"md.temperatures = \[\].*non-empty"),
+        (("arms",), ["mse", "crmse_hinge"], r"arms\[1\] = 'crmse_hinge'.*'crmse', 'crmse_memory'"),
         (("md", "dt"), 0, r"md.dt = 0.*> 0"),
-        (("crmse", "p_reset"), 1.5, r"crmse.p_reset = 1.5.*<= 1"),
-        (("crmse", "n_chains"), 2.5, r"crmse.n_chains = 2.5.*integer"),
+        (("crmse", "chains", "p_reset"), 1.5, r"crmse.chains.p_reset = 1.5.*<= 1"),
+        (("crmse", "chains", "n"), 2.5, r"crmse.chains.n = 2.5.*integer"),
         (("crmse", "ema_decay"), 1.0, r"crmse.ema_decay = 1.0.*<= 0.9999"),
-        (("crmse", "spurious_weight"), 0.5, r"crmse.spurious_weight = 0.5.*>= 1"),
-        (("crmse", "scout_temperature_ratio"), 0.8, r"crmse.scout_temperature_ratio = 0.8.*>= 1"),
-        (("crmse", "hole_memory"), -1, r"crmse.hole_memory = -1.*>= 0"),
-        (("crmse", "hole_projection"), "yes", r"crmse.hole_projection = 'yes'.*allowed: bool"),
-        (("crmse", "remember_blowups"), 1, r"crmse.remember_blowups = 1.*allowed: bool"),
+        (("crmse", "selection", "rule"), "best", r"crmse.selection.rule = 'best'.*'fewest_chain_failures'"),
+        (("crmse_memory", "scouts", "temperature_ratio"), 0.8, r"crmse_memory.scouts.temperature_ratio = 0.8.*>= 1"),
+        (("crmse_memory", "slots"), 0, r"crmse_memory.slots = 0.*>= 1"),
+        (("crmse_memory", "projection"), True, r"crmse_memory.projection = True.*'off', 'fit', 'fit_and_energy'"),
         (("mse", "lr"), "fast", r"mse.lr = 'fast'"),
         (("mse", "lr"), float("nan"), r"mse.lr = nan"),
         (("data", "variant"), "md22", r"data.variant = 'md22'.*'md17', 'rmd17'"),
@@ -50,13 +51,18 @@ def test_repository_params_are_valid():
     ],
 )
 def test_bad_values_name_key_value_and_allowed(params, path, value, message):
-    bad = copy.deepcopy(params)
-    node = bad
+    with pytest.raises(ParamsError, match=message):
+        validate(_with(params, path, value))
+
+
+def _with(params: dict, path: tuple[str, ...], value: object) -> dict:
+    """A copy of ``params`` with the key at ``path`` set to ``value``."""
+    out = copy.deepcopy(params)
+    node = out
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    with pytest.raises(ParamsError, match=message):
-        validate(bad)
+    return out
 
 
 def test_missing_and_unknown_keys(params):
@@ -70,12 +76,17 @@ def test_missing_and_unknown_keys(params):
         validate(bad)
 
 
-def test_temperature_accepts_auto_and_numbers(params):
+def test_temperatures_keep_their_spelling_and_name_their_folders(params):
+    from crmse.artifacts import RunPaths, temperature_folder
+
     p = copy.deepcopy(params)
-    p["md"]["temperature"] = 500
-    assert validate(p)["md"]["temperature"] == 500.0
-    p["md"]["temperature"] = "auto"
-    assert validate(p)["md"]["temperature"] == "auto"
+    p["md"]["temperatures"] = ["auto", 500, 612.5]
+    assert validate(p)["md"]["temperatures"] == ["auto", 500, 612.5]
+    assert [temperature_folder(t) for t in validate(p)["md"]["temperatures"]] == ["Tauto", "T500", "T612.5"]
+    # dvc.yaml interpolates the same text: results/<run>/T${item.temperature}/<arm>
+    assert str(RunPaths("ethanol", 200, 0).samples_dir(500, "mse")) == "results/ethanol/n200/s0/T500/mse"
+    p["crmse"]["chains"]["temperature"] = 500
+    assert validate(p)["crmse"]["chains"]["temperature"] == 500.0
 
 
 def test_training_size_larger_than_data(params):
@@ -113,12 +124,13 @@ def test_presets_are_valid_and_cpu_restores_defaults(tmp_path):
 def test_per_molecule_overrides_apply_to_their_molecule_only(tmp_path, params):
     p = copy.deepcopy(params)
     p["molecules"] = ["ethanol", "aspirin"]
-    p["per_molecule"] = {"ethanol": {}, "aspirin": {"md": {"n_replicas": 7}, "crmse": {"n_chains": 5}}}
+    p["per_molecule"] = {"ethanol": {}, "aspirin": {"md": {"n_replicas": 7}, "crmse": {"chains": {"n": 5}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     base = load_params(tmp_path / "params.yaml")
     asp = load_params(tmp_path / "params.yaml", molecule="aspirin")
     eth = load_params(tmp_path / "params.yaml", molecule="ethanol")
-    assert (asp["md"]["n_replicas"], asp["crmse"]["n_chains"]) == (7, 5)
+    assert (asp["md"]["n_replicas"], asp["crmse"]["chains"]["n"]) == (7, 5)
+    assert asp["crmse"]["chains"]["dt"] == base["crmse"]["chains"]["dt"]  # nested keys merge, not replace
     assert eth["md"] == base["md"] and eth["crmse"] == base["crmse"]
     assert asp["md"]["dt"] == base["md"]["dt"]  # keys the override leaves alone keep the shared value
 
@@ -129,6 +141,8 @@ def test_per_molecule_overrides_apply_to_their_molecule_only(tmp_path, params):
         ({"md": {"n_replicas": 0}}, r"md.n_replicas = 0.*>= 1"),
         ({"md": {"replicas": 3}}, r"unknown key per_molecule.aspirin.md.replicas"),
         ({"seeds": [1]}, r"per_molecule.aspirin.seeds cannot be set per molecule"),
+        ({"arms": ["mse"]}, r"per_molecule.aspirin.arms cannot be set per molecule"),
+        ({"md": {"temperatures": [500]}}, r"per_molecule.aspirin.md.temperatures cannot be set per molecule"),
         ("many", r"per_molecule.aspirin must be a mapping"),
     ],
 )
@@ -150,25 +164,22 @@ def test_every_molecule_needs_a_per_molecule_entry(params):
         validate(p)
 
 
-def test_scouts_without_a_hole_memory_are_refused_up_front(params):
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("md", "trajectory_replica"), 64, r"md.trajectory_replica = 64 must be < md.n_replicas = 64"),
+        (("md", "production_ps"), 0.005, r"md.production_ps = 0.005 is 10 steps.*shorter than one save interval"),
+        (("crmse", "selection", "every"), 5000, r"crmse.selection.every = 5000 exceeds crmse.iterations"),
+    ],
+)
+def test_rules_between_keys_fail_before_any_stage(params, path, value, message):
+    with pytest.raises(ParamsError, match=message):
+        validate(_with(params, path, value))
+
+
+def test_a_rule_broken_only_by_a_per_molecule_override_is_caught(params):
     bad = copy.deepcopy(params)
-    bad["crmse"]["hole_memory"] = 0
-    with pytest.raises(ParamsError, match="scout_chains > 0 needs crmse.hole_memory > 0"):
-        validate(bad)
-
-
-def test_remembering_blowups_without_a_hole_memory_is_refused_up_front(params):
-    bad = copy.deepcopy(params)
-    bad["crmse"]["hole_memory"] = 0
-    bad["crmse"]["scout_chains"] = 0
-    bad["crmse"]["remember_blowups"] = True
-    with pytest.raises(ParamsError, match="remember_blowups needs crmse.hole_memory > 0"):
-        validate(bad)
-
-
-def test_energy_projection_without_hole_projection_is_refused_up_front(params):
-    bad = copy.deepcopy(params)
-    bad["crmse"]["hole_projection"] = False
-    bad["crmse"]["energy_projection"] = True
-    with pytest.raises(ParamsError, match="energy_projection needs crmse.hole_projection"):
+    bad["per_molecule"]["aspirin"] = {"md": {"n_replicas": 4}}
+    bad["md"]["trajectory_replica"] = 10
+    with pytest.raises(ParamsError, match=r"with per_molecule.aspirin: md.trajectory_replica = 10 must be < md.n_"):
         validate(bad)

@@ -11,8 +11,9 @@ from synthetic import synthetic_arrays
 
 from crmse.contrastive import CRMSEConfig, chain_monitors, train_crmse
 from crmse.data import Frames
+from crmse.holes import HoleConfig
 from crmse.model import build_model
-from crmse.params import load_params
+from crmse.params import deep_merge, load_params
 from crmse.presets import apply_preset
 from crmse.sampling import SampleSettings, run_sampling
 from crmse.train import train_mse
@@ -35,10 +36,11 @@ def test_paper_preset_trains_post_trains_and_samples_at_tiny_scale(tmp_path):
     res = train_mse(model, train, val, {**p["mse"], "max_steps": 3}, seed=0, progress=False)
     assert res.steps == 3 and np.isfinite(res.best_val_loss)
 
-    section = {**p["crmse"], "n_chains": 4, "scout_chains": 4, "iterations": 4, "eval_every": 2}
+    section = deep_merge(p["crmse"], {"chains": {"n": 4}, "iterations": 4, "selection": {"every": 2}})
     cfg = CRMSEConfig.from_params(section, 600.0, seed=0)
+    holes = HoleConfig.from_params(deep_merge(p["crmse_memory"], {"scouts": {"n": 4}}))
     stability, detector = chain_monitors(train, val, p["evaluate"])
-    out = train_crmse(model, train, val, cfg, stability, detector, progress=False)
+    out = train_crmse(model, train, val, cfg, holes, stability, detector, progress=False)
     assert out.selected_iteration in (2, 4) and len(out.log) == 4
 
     md = {**p["md"], "n_replicas": 2, "equilibration_fs": 2.0, "production_ps": 0.01, "save_every": 2,

@@ -1,426 +1,504 @@
-"""The report stages on a tiny synthetic run: real evaluate and audit code on fake samples, then papermill.
+"""The report package on fixture tables in the stages' layout: loading, generated text, every figure, the index.
 
-The inputs of one run (ethanol, n_train 20, seed 0) are produced the way the pipeline produces them:
-evaluate_run on stand-in checkpoints and fake samples.npz (MSE: one replica collapses two methyl H and
-sits 30 kcal/mol below the DFT minimum; one replica blows up), run_audit with a fake DFT single point,
-and training/chain logs in the stages' CSV formats. The per-run report and the index are then executed
-by their stage scripts (papermill + nbconvert) and the HTML is checked for every figure and table.
+:func:`write_fake_run` writes what the evaluate, reference, audit, pretrain and posttrain stages write for one
+run at one temperature setting (tiny, deterministic, no model): per arm metrics.json, replicas.csv,
+worst_frame.json, plots/*.csv, audit.json and audit_frames.csv; the reference's metrics.json and plots; the
+training metrics and logs (with the posttrain stage's fixed log columns). MSE has one replica in a spurious
+state (entering at 0.05 ps, 30 kcal/mol below the DFT minimum) and one that fails; the CRMSE arms have none.
+Only the last test starts a Jupyter kernel (both stage scripts).
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
-import torch
 import yaml
-from synthetic import collapse_methyl_h, synthetic_arrays
+from matplotlib.figure import Figure
+from synthetic import bonds_of, collapse_methyl_h, reference_frame
 
 from crmse import report
-from crmse.audit import AuditConfig, DFTResult, DFTSettings, SampleRun, model_energy_forces, run_audit, write_rows_csv
-from crmse.data import Frames
-from crmse.evaluate import evaluate_run
-from crmse.io import atomic_path, read_json, run_dir, write_json, write_npz
-from crmse.model import build_model, load_checkpoint, save_checkpoint
-from crmse.observables import BondReference, SpuriousDetector
-from crmse.train import write_log_csv
+from crmse.artifacts import ARMS, POSTTRAINED, RunPaths
+from crmse.audit import ROW_FIELDS
+from crmse.contrastive import VAL_COLUMNS, ContrastiveTerm, MSETerm
+from crmse.evaluate import REPLICA_COLUMNS
+from crmse.holes import HoleTerm
+from crmse.io import read_json, write_json
+from crmse.molecules import TORSIONS
+from crmse.report import display
+from crmse.report.index_figures import AXES_NOTE
+from crmse.report.run import audit_errors
 
 REPO = Path(__file__).resolve().parents[1]
 MOL, SIZE, SEED = "ethanol", 20, 0
-TINY = {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 1, "n_rbf": 8, "cutoff": 5.0, "dtype": "float32"}
-T_FRAMES, M = 12, 4
-T_SET = 650.0
+M, T_FRAMES, T_SET = 4, 12, 650.0
+TIME_PS = 0.01 * np.arange(1, T_FRAMES + 1)
 
 
+def params(**top: Any) -> dict[str, Any]:
+    """The params keys the report reads, in the params.yaml shape (molecule overrides merged)."""
+    p = {
+        "molecules": [MOL], "train_sizes": [SIZE], "seeds": [SEED], "arms": list(ARMS),
+        "md": {"temperatures": ["auto"], "equilibration_fs": 10.0, "dt": 0.5, "friction": 0.01},
+        "evaluate": {"bond_tolerance": 0.5, "dihedral_bins": 12},
+        "crmse": {"lam": 1.0, "chains": {"n": 8, "steps_per_iter": 20, "dt": 0.5},
+                  "selection": {"rule": "fewest_chain_failures", "max_gap": 3.0}},
+        "crmse_memory": {"projection": "fit"},
+    }
+    p.update(top)
+    return p
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+def _csv(path: Path, header: list[str] | tuple[str, ...], rows: list[list[Any]] | list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        if rows and isinstance(rows[0], dict):
+            w = csv.DictWriter(fh, fieldnames=list(header))
+            w.writeheader()
+            w.writerows(rows)
+        else:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
 
 
-def _params(root: Path, **top) -> dict:
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p.update(molecules=[MOL], train_sizes=[SIZE], seeds=[SEED], device="cpu", **top)
-    p["evaluate"].update(conf_temperature_frames=4, batch_size=16, noise_blocks=4, dihedral_bins=12)
-    p["crmse"].update(iterations=30, eval_every=10, n_chains=8)
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    from crmse.params import load_params
-
-    return load_params(root / "params.yaml")
+def _gauss(x: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
 
 
-def make_run(root: Path, crmse_dead: bool = False) -> dict:
-    """Every input of the report for one run, in the stages' formats, mostly by the stages' own code.
+def _write_curves(plots: Path, source: str, shift: float) -> None:
+    r = np.linspace(0.05, 9.95, 100)
+    _csv(plots / "hr" / f"{source}.csv", ["r_A", "h"], np.c_[r, _gauss(r, 2.5 + shift, 0.8)].tolist())
+    e = np.linspace(-8, 8, 30)
+    _csv(plots / "energy" / f"{source}.csv", ["energy_rel_kcal_mol", "density"],
+         np.c_[e, _gauss(e, 3 * shift, 2.0)].tolist())
+    phi = -180 + (np.arange(12) + 0.5) * 30
+    for t in TORSIONS[MOL]:
+        F = 1 - np.cos(np.radians(3 * phi)) + shift
+        keep = np.arange(12) != 5  # one bin never visited
+        _csv(plots / "dihedral" / f"{t.name}_{source}.csv", ["phi_deg", "F_kcal_mol"],
+             np.c_[phi[keep], F[keep] - F[keep].min()].tolist())
 
-    ``crmse_dead``: every CRMSE replica fails before its first saved frame (no valid frame at all), and the
-    audit is skipped, as the audit stage writes it for a molecule not in audit.molecules.
-    """
-    params = _params(root)
-    a = synthetic_arrays(MOL, 140, seed=0)
-    frames = Frames(a["z"], a["R"], a["E"].reshape(-1), a["F"], a["md17_index"])
-    split = run_dir(root / "data/splits", MOL, SIZE, SEED)
-    train, test = frames.subset(np.arange(20)), frames.subset(np.arange(20, 40))
-    pool = frames.subset(np.arange(20, 140))  # test ⊂ reference, as in the real split
-    test.save(split / "test.npz")
-    pool.save(split / "reference.npz")
-    models = run_dir(root / "models", MOL, SIZE, SEED)
-    for k, name in enumerate(("mse", "crmse")):
-        torch.manual_seed(k)
-        save_checkpoint(build_model(frames.z, TINY, train), models / f"{name}.pt", {"stand_in": True})
 
-    rng = np.random.default_rng(5)
-    R = pool.R[:M][None] + 0.02 * rng.standard_normal((T_FRAMES, M, *pool.R.shape[1:]))
-    E = np.repeat(pool.E[:M][None], T_FRAMES, 0) + rng.normal(0, 1.0, (T_FRAMES, M))
-    time_ps = 0.01 * np.arange(1, T_FRAMES + 1)
-    R_mse, E_mse = R.copy(), E.copy()
-    R_mse[4:, 1] = collapse_methyl_h(R_mse[4:, 1])  # replica 1 enters the H–H collapse at frame 4 (t = 0.05 ps)
-    E_mse[4:, 1] = pool.E.min() - 30.0
-    R_mse[8:, 3], E_mse[8:, 3] = np.nan, np.nan  # replica 3 blows up at frame 8
-    samples = {"mse": (R_mse, E_mse, np.array([-1, -1, -1, 8])), "crmse": (R, E + 1.0, np.full(M, -1))}
-    if crmse_dead:
-        samples["crmse"] = (np.full_like(R, np.nan), np.full_like(E, np.nan), np.zeros(M, dtype=int))
-    for name, (Rs, Es, uf) in samples.items():
-        out = run_dir(root / "results", MOL, SIZE, SEED) / name
-        T_kin = np.where(np.isfinite(Es), T_SET + rng.normal(0, 20, (T_FRAMES, M)), np.nan)
-        write_npz(out / "samples.npz", R=Rs.astype(np.float32), E=Es, T_kin=T_kin, time_ps=time_ps,
-                  unstable_frame=uf, z=frames.z.astype(np.int64), temperature=np.array(T_SET))
-        write_json(out / "sample.json", {
-            "temperature_setting": "auto", "temperature_K": T_SET, "T_conf_samples_K": T_SET + 10 * (name == "mse"),
-            "T_conf_frames": 48, "settings": {"n_replicas": M, "production_ps": 0.12, "equilibration_fs": 10.0,
-                                              "dt": 0.5, "friction": 0.01, "temperature": T_SET},
-        })
-    metrics = evaluate_run(MOL, SIZE, SEED, params, root=root, device="cpu", progress=False)
+def _arm_row(arm: str, k: int, scale: float, dead: bool) -> dict[str, Any]:
+    spurious = arm == "mse"
+    row = {
+        "test_energy_mae": 0.40 * scale - 0.02 * k, "test_forces_mae": 1.41 * scale + 0.01 * k,
+        "stable_fraction": 0.0 if dead else (0.75 if arm == "mse" else 1.0),
+        "median_time_to_instability_ps": 0.09, "trajectory_ps": float(TIME_PS[-1]), "n_replicas": M,
+        "n_valid_frames": 0 if dead else 40, "spurious_replica_fraction": 0.25 if spurious else 0.0,
+        "spurious_frame_fraction": 0.17 if spurious else 0.0, "spurious_first_entry_min_ps": 0.05 if spurious else None,
+        "lowest_energy_rel_dft_min": None if dead else (-30.0 if spurious else 2.0 + k),
+        "min_nonbonded_distance": None if dead else (0.8 if spurious else 1.7),
+        "T_set": T_SET, "T_kin": T_SET + 5 * k, "T_conf": T_SET + 10 - 5 * k, "T_conf_frames": 40,
+        "T_conf_pool_laplacian": T_SET * 1.02 + k,
+        "energy_w1": None if dead else 2.0 * scale / (k + 1), "energy_mean_shift": None if dead else 1.0 / (k + 1),
+        "hr_mae": None if dead else 0.2 * scale / (k + 1),
+    }
+    for t in TORSIONS[MOL]:
+        row[f"dihedral_{t.name}_rmse"] = None if dead else 0.9 * scale / (k + 1)
+        row[f"dihedral_{t.name}_unvisited"] = None if dead else 0.1
+    for key in ("energy_w1", "energy_mean_shift", "hr_mae", *(f"dihedral_{t.name}_rmse" for t in TORSIONS[MOL])):
+        row[f"{key}_boot_sd"] = None if dead else 0.05
+    return row
 
-    # pretrain stage: per-epoch log (crmse.train's writer) and metrics
+
+def _audit(arm: str, k: int, dir_: Path) -> None:
+    """audit.json (one model entry) and audit_frames.csv in the audit stage's formats."""
+    rng = np.random.default_rng(k)
+    rows = []
+
+    def add(kind: str, n: int, err: float, flagged: bool = False) -> None:
+        for i in range(n):
+            d = err + rng.normal(0, 0.1)
+            rows.append({f: "" for f in ROW_FIELDS} | {
+                "model": arm, "kind": kind, "replica": -1 if kind == "reference" else i, "frame": i,
+                "time_ps": 0.01 * (i + 1), "spurious": flagged, "min_nonbonded_distance": 1.7,
+                "model_energy": 10.0 + d, "dft_energy_aligned": 10.0, "model_minus_dft": d,
+                "model_rel_dft_min": 5.0 + d - 35.0 * flagged, "dft_rel_dft_min": 5.0 + 20.0 * flagged,
+                "forces_mae": 1.0, "status": "ok", "dft_seconds": 1.0, "cached": False})
+
+    add("reference", 4, 0.3)
+    add("random", 6, 1.0 + k)
+    add("lowest", 2, 2.0)
+    if arm == "mse":
+        add("spurious", 1, -55.0, flagged=True)
+    _csv(dir_ / "audit_frames.csv", ROW_FIELDS, rows)
+    write_json(dir_ / "audit.json", {
+        "settings": {"xc": "pbe", "basis": "def2-svp"}, "offset": {"n": 16, "offset": -120.0, "std": 0.3},
+        "models": {arm: {"reference_energy_mae": 0.3, "random": {"n": 6, "energy_mae": 1.0 + k, "forces_mae": 1.1},
+                         "spurious": {"n": int(arm == "mse"), "energy_mae": 55.0 if arm == "mse" else None,
+                                      "model_rel_dft_min": {"min": -30.0}, "dft_rel_dft_min": {"min": 25.0}}}},
+    })
+
+
+def write_fake_run(root: Path, size: int = SIZE, seed: int = SEED, temperature: str = "auto",
+                   arms: tuple[str, ...] = ARMS, audit: bool = True, dead: tuple[str, ...] = (),
+                   scale: float = 1.0) -> RunPaths:
+    """Every table a report of ``arms`` reads, in the stages' layout; ``dead`` arms have no valid frame."""
+    paths = RunPaths(MOL, size, seed, root)
+    ref_dir = paths.reference_dir(temperature)
+    floor = {"energy_w1": 0.5, "energy_mean_shift": 0.2, "hr_mae": 0.05, "n_blocks": 4}
+    for t in TORSIONS[MOL]:
+        floor |= {f"dihedral_{t.name}_rmse": 0.3, f"dihedral_{t.name}_unvisited": 0.0}
+    write_json(ref_dir / "metrics.json", {"reference": {
+        "n_frames": 120, "energy_min": -97000.0, "energy_mean": -96990.0, "energy_std": 2.0, "max_bond_deviation": 0.2,
+        "min_nonbonded_distance": 1.6, "spurious_distance_threshold": 1.35,
+        "spurious_energy_threshold_rel_dft_min": -5.0, "dihedral_temperature": T_SET}, "noise_floor": floor})
+    _write_curves(ref_dir / "plots", "reference", 0.0)
+    z, R0, _ = reference_frame(MOL)
+    bonds = bonds_of(z, R0)
+    for k, arm in enumerate(arms):
+        d = paths.metrics_dir(temperature, arm)
+        is_dead = arm in dead
+        write_json(d / "metrics.json", _arm_row(arm, k, scale, is_dead))
+        if not is_dead:
+            _write_curves(d / "plots", arm, 0.3 / (k + 1))
+        x = np.linspace(-3, 3, 20)
+        _csv(d / "plots/parity" / f"energy_{arm}.csv", ["dft", "model"], np.c_[x, x + 0.1 * k].tolist())
+        _csv(d / "plots/parity" / f"forces_{arm}.csv", ["dft", "model"], np.c_[3 * x, 3.3 * x].tolist())
+        stable = np.ones(T_FRAMES) if arm != "mse" else np.where(np.arange(T_FRAMES) >= 8, 0.75, 1.0)
+        _csv(d / "plots/stability" / f"{arm}.csv", ["time_ps", "stable_fraction"],
+             np.c_[TIME_PS, 0 * stable if is_dead else stable].tolist())
+        rows = []
+        for m in range(M):
+            spur = arm == "mse" and m == 1
+            rows.append([m, 0.05 if spur else np.nan, np.nan if is_dead else (-30.0 if spur else 2.0 + m),
+                         np.nan if is_dead else (0.8 if spur else 1.7 + 0.01 * m),
+                         0.09 if (arm == "mse" and m == 3) or is_dead else np.nan, 0.67 if spur else 0.0])
+        _csv(d / "replicas.csv", REPLICA_COLUMNS, rows)
+        R = collapse_methyl_h(R0) if arm == "mse" else R0
+        write_json(d / "worst_frame.json", {} if is_dead else {
+            "replica": 1, "time_ps": 0.05, "energy_rel_dft_min": -30.0 if arm == "mse" else 2.0,
+            "z": z.tolist(), "R": R.tolist(), "bonds": bonds.tolist(), "closest_pair": [5, 6]})
+        if audit and not is_dead:
+            _audit(arm, k, d)
+    # pretrain and posttrain stages
     epochs = np.arange(1, 31)
-    write_log_csv(models / "mse_log.csv", [
-        {"epoch": int(e), "lr": 5e-4, "train_loss": float(50 / e), "val_loss": float(60 / e),
-         "val_energy_mae": float(2 / np.sqrt(e)), "val_force_mae": float(8 / np.sqrt(e)), "wall_s": float(e)}
-        for e in epochs
-    ])
-    write_json(models / "mse_metrics.json", {
+    _csv(paths.train_log("mse"), ["epoch", "lr", "train_loss", "val_loss", "val_energy_mae", "val_force_mae", "wall_s"],
+         [[e, 5e-4, 50 / e, 60 / e, 2 / np.sqrt(e), 8 / np.sqrt(e), float(e)] for e in epochs])
+    write_json(paths.train_metrics("mse"), {
         "epochs": 30, "best_epoch": 28, "stop_reason": "max_epochs", "wall_s": 30.0, "device": "cpu",
         "T_conf_train_K": T_SET + 30, "T_conf_val_K": T_SET - 20, "T_conf_pool_K": T_SET, "T_auto_K": T_SET,
-        "val": {"energy_mae": 0.4, "force_mae": 1.5}, "test": {"energy_mae": 0.41},
-    })
-    # crmse stage: per-iteration chain log, per-evaluation validation log, metrics (posttrain.py's formats)
-    its = np.arange(1, 31)
-    _write_csv(models / "crmse_log.csv", [
-        {"iteration": int(i), "l_mse": 3.0 / i + 0.5, "l_c": 0.3 * np.exp(-i / 10), "gap": 0.3 * np.exp(-i / 10),
-         "e_data": pool.E.mean() + 0.1, "e_chain": pool.E.mean() - 0.3 * np.exp(-i / 10),
-         "blowups": float(i % 7 == 0), "random_resets": 0.0, "chain_age": float(20 * i), "n_spurious": float(i < 12),
-         "grad_norm": 50.0 / i + 5, "grad_fit_norm": 40.0 / i + 5, "grad_hole_norm": 60.0 / i,
-         "grad_cos": -0.8 + i / 40}
-        for i in its
-    ])
-    _write_csv(models / "crmse_val.csv", [
-        {"iteration": i, "val_energy_mae": 0.45 - 0.01 * k, "val_force_mae": 1.52 - 0.01 * k, "gap": 0.1,
-         "offset_refit": 0.0, "blowups": 1.0, "n_spurious": 0.0, "wall_s": 1.0 * i}
-        for k, i in enumerate((10, 20, 30))
-    ])
-    write_json(models / "crmse_metrics.json", {
-        "T_chain_K": T_SET, "selected_iteration": 20, "selection": "best validation force MAE", "wall_s": 12.0,
-        "device": "cpu", "final_gap": 0.02, "chain_blowups": 4, "chains_spurious_at_end": 0,
-    })
-    mdir = run_dir(root / "metrics", MOL, SIZE, SEED)
-    if crmse_dead:
-        write_json(mdir / "audit.json", {"skipped": True, "reason": f"{MOL} is not in audit.molecules"})
-        write_rows_csv(mdir / "audit_frames.csv", [])
-        return metrics
-    # audit stage: the real run_audit, with a fake DFT (harmonic bonds of the synthetic data + offset)
-    bonds = BondReference.from_frames(pool.z, pool.R, 1.3).bonds
-    det = SpuriousDetector.from_reference(pool.z, pool.R, pool.E, bonds, 5.0, 0.25)
-    r0 = np.linalg.norm(pool.R[0, bonds[:, 1]] - pool.R[0, bonds[:, 0]], axis=-1)
-    e_base = float(pool.E.min())
-
-    def fake_dft(z: np.ndarray, Rf: np.ndarray, settings: DFTSettings) -> DFTResult:
-        d = np.linalg.norm(Rf[bonds[:, 1]] - Rf[bonds[:, 0]], axis=-1)
-        return DFTResult(e_base + 120.0 + 150.0 * float(((d - r0) ** 2).sum()), np.zeros_like(Rf), "ok", 0.01, 3)
-
-    runs, fns = {}, {}
-    for name in ("mse", "crmse"):
-        runs[name] = SampleRun.load(run_dir(root / "results", MOL, SIZE, SEED) / name / "samples.npz")
-        model, _ = load_checkpoint(models / f"{name}.pt")
-        fns[name] = model_energy_forces(model.eval(), 16)
-    result = run_audit(pool.z, pool, runs, fns, det, DFTSettings(), AuditConfig(2, 2, 3, 4, SEED), cache=None,
-                       test=None, progress=False, single_point=fake_dft)
-    write_json(mdir / "audit.json", {"molecule": MOL, "n_train": SIZE, "seed": SEED, **result.metrics})
-    write_rows_csv(mdir / "audit_frames.csv", result.rows)
-    write_npz(run_dir(root / "results", MOL, SIZE, SEED) / "audit.npz", **result.arrays)
-    return metrics
+        "val": {"energy_mae": 0.4, "force_mae": 1.5}})
+    for k, arm in enumerate(a for a in arms if a in POSTTRAINED):
+        cols = ["iteration", *MSETerm.columns, *ContrastiveTerm.columns,
+                *(HoleTerm.columns if arm == "crmse_memory" else ()), "grad_norm"]
+        its = np.arange(1, 31)
+        log = [{c: float(np.cos(i + j) + 2) for j, c in enumerate(cols)}
+               | {"iteration": int(i), "blowups": float(i % 7 == 0)} for i in its]
+        _csv(paths.train_log(arm), cols, log)
+        _csv(paths.val_log(arm), VAL_COLUMNS,
+             [{c: 1.0 for c in VAL_COLUMNS} | {"iteration": i, "val_energy_mae": 0.45 - 0.01 * j - 0.02 * k,
+                                               "val_force_mae": 1.52 - 0.01 * j} for j, i in enumerate((10, 20, 30))])
+        write_json(paths.train_metrics(arm), {"T_chain_K": T_SET, "selected_iteration": 20 + k,
+                                              "selection": "fewest chain failures", "wall_s": 12.0, "device": "cpu"})
+    return paths
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
+def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("proj")
-    torch.set_num_threads(1)
-    return root, make_run(root)
+    write_fake_run(root)
+    return root
 
 
-def _env() -> dict:
+@pytest.fixture
+def run(root) -> report.RunData:
+    return report.load_run(root, MOL, SIZE, SEED, "auto", params())
+
+
+def _line_labels(ax) -> list[str]:
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_run_reads_every_arm_and_names_every_missing_input(root, run, tmp_path):
+    assert run.arms == ARMS and run.posttrained == POSTTRAINED
+    assert set(run.rows) == set(run.replicas) == set(run.worst) == set(ARMS)
+    assert set(run.logs) == {"mse", *POSTTRAINED} and set(run.val) == set(POSTTRAINED)
+    assert run.curve("reference", "hr") is not None and run.curve("mse", "dihedral", "methyl_mse") is not None
+    assert run.curve("crmse", "hr", "absent") is None
+    write_fake_run(tmp_path, arms=("mse",))  # one arm on disk, three declared
+    with pytest.raises(report.ReportError) as err:
+        report.load_run(tmp_path, MOL, SIZE, SEED, "auto", params())
+    msg = str(err.value)
+    for name in ("T" + "auto/crmse/metrics.json", "crmse_memory/replicas.csv", "crmse_memory/worst_frame.json",
+                 "crmse_log.csv", "crmse_memory_val.csv", "crmse_metrics.json"):
+        assert name in msg, name
+    assert "mse/metrics.json" not in msg.replace("crmse/metrics.json", "").replace("crmse_memory/metrics.json", "")
+    assert report.load_run(tmp_path, MOL, SIZE, SEED, "auto", params(arms=["mse"])).arms == ("mse",)
+
+
+def test_audit_errors_split_random_and_flagged_frames(run):
+    e = audit_errors(run.audit["mse"], run.audit_frames["mse"], "mse")
+    assert e["random"]["n"] == 6 and e["random"]["mean"] == pytest.approx(1.0, abs=0.1) and e["random"]["sd"] > 0
+    assert e["flagged"]["n"] == 1 and e["flagged"]["mean"] == pytest.approx(55.0, abs=0.5)
+    assert e["reference"]["n"] == 4
+    # without the per-frame table: audit.json's means, no spread
+    e = audit_errors(run.audit["crmse"], None, "crmse")
+    assert e["random"] == {"n": 6, "mean": 2.0, "sd": None}
+    assert audit_errors({"skipped": True, "reason": "x"}, None, "mse") == {} and audit_errors(None, None, "mse") == {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generated text and tables
+
+
+def test_summary_names_every_arm_and_follows_the_numbers(run):
+    text = report.summary_paragraph(run)
+    assert "CRMSE reduced spurious-state occupancy from 1/4 (MSE) to 0/4 replicas" in text
+    assert "CRMSE + memory reduced spurious-state occupancy" in text
+    assert "Replicas bond-stable to the end: MSE 3/4, CRMSE 4/4, CRMSE + memory 4/4." in text
+    assert "closest to the DFT reference: CRMSE + memory" in text
+    assert "DFT audit" in text and " ± " in text
+    run.rows["crmse"]["spurious_replica_fraction"] = 0.5
+    assert "CRMSE increased spurious-state occupancy from 1/4 (MSE) to 2/4 replicas" in report.summary_paragraph(run)
+    for a in ARMS:
+        run.rows[a]["spurious_replica_fraction"] = 0.0
+    assert "No arm entered a spurious state" in report.summary_paragraph(run)
+    run.rows["crmse_memory"]["test_energy_mae"] = 1.5
+    assert "only MSE and CRMSE within chemical accuracy" in report.summary_paragraph(run)
+
+
+def test_temperature_sentence_compares_with_the_pool(run):
+    t = report.temperature_sentence(run)
+    assert f"T = {T_SET:.0f} K" in t and "like-for-like" in t and "every arm's sampler" in t and "automatically" in t
+    run.rows["mse"]["T_conf_pool_laplacian"] = T_SET * 1.3
+    assert "colder than the data" in report.temperature_sentence(run)
+
+
+def test_metrics_table_has_a_column_per_arm_and_a_floor(run):
+    df = report.metrics_table(run)
+    assert list(df.columns) == ["metric", "MSE", "CRMSE", "CRMSE + memory", "noise floor / DFT reference"]
+    by = df.set_index("metric")
+    assert by.loc["Replicas entering a spurious state", "MSE"] == "1/4"
+    assert by.loc["Energy W1 (kcal/mol)", "noise floor / DFT reference"] == "0.50"
+    assert by.loc["Energy W1 (kcal/mol)", "CRMSE"] == "1.00 ± 0.05"
+    assert all(isinstance(v, str) and v for v in df.iloc[:, -1])
+
+
+def test_evidence_table_separates_what_the_detector_defines(run):
+    df = report.evidence_table(run).set_index("metric")
+    defined = df[report.text.DETECTOR_COLUMN]
+    assert defined["Replicas entering a spurious state"] == "defines it"
+    assert defined["Lowest energy − DFT minimum (kcal/mol)"] == "defines its flag"
+    for name in ("Energy W1 (kcal/mol)", "h(r) MAE", "F(φ) RMSE, hydroxyl (kcal/mol)",
+                 "Replicas bond-stable to the end", "DFT audit |E_model − E_DFT|, random sampled frames (kcal/mol)"):
+        assert defined[name] == "independent", name
+    audit_row = df.loc["DFT audit |E_model − E_DFT|, random sampled frames (kcal/mol)"]
+    assert " ± " in audit_row["MSE"] and "(n = 6)" in audit_row["CRMSE + memory"]
+    assert df.loc["DFT audit |E_model − E_DFT|, frames it flags (kcal/mol)", "CRMSE"] == "—"
+    s = report.detector_sentence(run)
+    assert "does not define the energy W1, h(r), F(φ), bond stability" in s
+    assert "chose their checkpoint" in s and "CRMSE + memory raised the energy" in s
+
+
+def test_a_skipped_or_absent_audit_is_said(run):
+    assert report.audit_table(run) is not None and len(report.audit_table(run)) == 3
+    run.audit = {"mse": {"skipped": True, "reason": "ethanol is not in audit.molecules"}}
+    run.audit_frames = {}
+    assert report.audit_table(run) is None and report.fig_audit(run) is None
+    s = report.audit_sentence(run)
+    assert "audit.molecules" in s and "CRMSE: no audit.json" in s
+    assert "DFT audit" not in report.evidence_table(run)["metric"].str.cat()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures of one report
+
+
+FIGURES = ("overview", "temperatures", "spurious", "worst", "stability", "hr", "dihedrals", "parity", "training",
+           "chains", "holes", "audit")
+
+
+def test_every_figure_draws_every_arm(run):
+    figs = {name: getattr(report, f"fig_{name}")(run) for name in FIGURES}
+    assert all(isinstance(f, Figure) for f in figs.values()), [k for k, f in figs.items() if f is None]
+    labels = ("MSE", "CRMSE", "CRMSE + memory")
+    entry, energy = figs["overview"].axes
+    assert [lab.split(":")[0] for lab in _line_labels(entry)] == list(labels)
+    assert entry.get_lines()[0].get_ydata()[-1] == pytest.approx(0.25)  # MSE: 1 of 4 replicas entered
+    assert {lab.split(":")[0] for lab in _line_labels(energy)} == {"DFT reference (120 frames)", *labels}
+    assert [t.get_text() for t in figs["spurious"].axes[0].get_xticklabels()] == list(labels)
+    assert len(figs["worst"].axes) == 3 and "SPURIOUS" in figs["worst"].axes[0].get_title()
+    assert "not spurious" in figs["worst"].axes[1].get_title()
+    assert len(_line_labels(figs["stability"].axes[0])) == 3
+    assert len(_line_labels(figs["hr"].axes[0])) == 4 and len(_line_labels(figs["hr"].axes[1])) == 3
+    assert len(figs["dihedrals"].axes) == len(TORSIONS[MOL])
+    assert len(figs["parity"].axes) == 6
+    assert len(figs["training"].axes) == 6 and len(figs["chains"].axes) == 6
+    assert len(_line_labels(figs["chains"].axes[0])) == 2  # the two post-trained arms' gaps
+    assert "projection: fit" in figs["holes"].axes[2].get_title()
+    assert len(figs["audit"].axes) == 2
+    png = display.figure_png(figs["overview"])
+    assert png.startswith(b"\x89PNG")
+
+
+def test_figures_tolerate_missing_arms_dead_arms_and_no_audit(tmp_path):
+    write_fake_run(tmp_path, arms=("mse", "crmse"), audit=False, dead=("crmse",))
+    run = report.load_run(tmp_path, MOL, SIZE, SEED, "auto", params(arms=["mse", "crmse"]))
+    assert report.fig_holes(run) is None and report.fig_audit(run) is None  # no memory arm, no audit
+    for name in FIGURES[:-3]:
+        fig = getattr(report, f"fig_{name}")(run)
+        assert isinstance(fig, Figure), name
+    assert "no valid frame" in report.fig_worst(run).axes[1].texts[0].get_text()
+    assert len(report.fig_parity(run).axes) == 4
+    assert "undefined for CRMSE" in report.summary_paragraph(run)
+    assert report.metrics_table(run).set_index("metric").loc["Energy W1 (kcal/mol)", "CRMSE"] == "—"
+    only_mse = report.load_run(tmp_path, MOL, SIZE, SEED, "auto", params(arms=["mse"]))
+    assert report.fig_chains(only_mse) is None and len(report.fig_training(only_mse).axes) == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables on a 1300 px page
+
+
+def test_wide_tables_are_split_and_cells_wrap():
+    df = pd.DataFrame({f"c{i}": [i] for i in range(30)})
+    parts = display.split_columns(df, ["c0", "c1"], max_columns=12)
+    assert all(len(p.columns) <= 12 and list(p.columns[:2]) == ["c0", "c1"] for p in parts)
+    assert sorted({c for p in parts for c in p.columns}) == sorted(df.columns)
+    page = display.table_html(df, "wide", keys=["c0"])
+    assert page.count("<table") == 3 and 'id="wide-2"' in page and 'id="wide-3"' in page
+    assert "white-space:normal" in page and f"max-width:{display.PAGE_WIDTH_PX - 60}px" in page
+    assert display.table_html(df.iloc[:, :5], "narrow").count("<table") == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The index
+
+
+def _index_project(root: Path, sizes: tuple[int, ...], seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    for i, size in enumerate(sizes):
+        for seed in seeds:
+            write_fake_run(root, size=size, seed=seed, scale=1.0 / (1 + i) + 0.05 * seed)
+    write_fake_run(root, size=999, seed=0)  # on disk, not declared
+    return params(train_sizes=list(sizes), seeds=list(seeds))
+
+
+def test_index_discovers_declared_reports_and_tabulates_every_arm(tmp_path):
+    declared = _index_project(tmp_path, (SIZE,))
+    keys = report.discover_runs(tmp_path, declared)
+    assert [(k.size, k.seed, k.temperature, k.arms) for k in keys] == [(SIZE, 0, "auto", ARMS), (SIZE, 1, "auto", ARMS)]
+    assert keys[0].report_html == f"{MOL}/n{SIZE}/s0/Tauto.html"
+    assert len(report.discover_runs(tmp_path)) == 3  # every report on disk
+    df = report.collect_runs(tmp_path, keys)
+    assert set(df["source"]) == {*ARMS, "floor"} and df["audit_random_sd"].notna().any()
+    table = report.index_table(df)
+    assert len(table.columns) <= display.MAX_COLUMNS and len(table) == 2 * 4
+    assert table["report"].str.contains("<a href=").sum() == 2
+    assert list(table["arm"][:4]) == ["MSE", "CRMSE", "CRMSE + memory", "noise floor"]
+    assert report.several_seeds(df) and not report.several_seeds(df[df["seed"] == 0])
+    seeds = report.seed_table(df, MOL)
+    assert list(seeds["arm"]) == ["MSE", "CRMSE", "CRMSE + memory", "noise floor"] and (seeds["seeds"] == 2).all()
+    assert " ± " in seeds.iloc[0]["energy W1 (kcal/mol)"]
+    page = display.table_html(seeds, "seed", keys=["T", "n_train", "arm"])
+    assert all(len(re.findall(r"<th[ >]", t)) <= display.MAX_COLUMNS for t in page.split("<table")[1:])
+    text = report.index_paragraph(df)
+    assert "2 reports" in text and "detector-defined" in text and "energy W1 (independent)" in text
+
+
+def test_index_compares_arms_at_one_size_and_sweeps_several(tmp_path):
+    declared = _index_project(tmp_path / "one", (SIZE,))
+    df1 = report.collect_runs(tmp_path / "one", report.discover_runs(tmp_path / "one", declared))
+    figs = report.index_figures(df1)
+    assert [k for k, _, _ in figs] == [f"arms-{MOL}-Tauto"]
+    fig = figs[0][1]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    names = [ax.get_title() for ax in panels]
+    assert any("energy W1" in n for n in names) and any("spurious" in n and "‡" in n for n in names)
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["MSE", "CRMSE", "CRMSE + memory"]
+    for ax in panels:  # arms on the y axis, the axis from zero (T_conf: about zero)
+        assert list(ax.get_yticks()) == [0, 1, 2]
+        lo, hi = ax.get_xlim()
+        assert lo <= 0 <= hi
+    w1 = next(ax for ax in panels if ax.get_title().startswith("energy W1"))
+    assert any(line.get_label().startswith("noise floor") for line in w1.get_lines())
+    assert AXES_NOTE in fig.get_suptitle()
+
+    sizes = (20, 50, 200)
+    df3 = report.collect_runs(tmp_path / "three",
+                              report.discover_runs(tmp_path / "three", _index_project(tmp_path / "three", sizes)))
+    figs = report.index_figures(df3)
+    assert [k for k, _, _ in figs] == [f"sweep-{MOL}-Tauto"]
+    panels = [ax for ax in figs[0][1].axes if ax.axison]
+    for ax in panels:
+        assert ax.get_xscale() == "log" and ax.get_ylim()[0] <= 0
+    # two temperature settings: one figure each
+    write_fake_run(tmp_path / "three", size=20, seed=0, temperature="500")
+    declared = params(train_sizes=list(sizes), seeds=[0, 1])
+    declared["md"]["temperatures"] = ["auto", 500]
+    keys = report.discover_runs(tmp_path / "three", declared)
+    assert keys[-1].temperature == "500" and keys[-1].report_html.endswith("/T500.html")
+    figs = report.index_figures(report.collect_runs(tmp_path / "three", keys))
+    assert [k for k, _, _ in figs] == [f"sweep-{MOL}-Tauto", f"arms-{MOL}-T500"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage scripts (the only test with a Jupyter kernel)
+
+
+def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
+def _stage_project(root: Path) -> None:
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p.update(molecules=[MOL], train_sizes=[SIZE], seeds=[SEED], arms=list(ARMS))
+    p["md"]["temperatures"] = ["auto"]
+    p["per_molecule"] = {MOL: {}}
+    p["evaluate"]["dihedral_bins"] = 12
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
 def _figures(page: str) -> dict[str, bytes]:
     """{figure key: PNG bytes} of every <figure id="fig-..."> with an embedded PNG."""
-    out = {}
-    for key, data in re.findall(r'<figure id="fig-([\w-]+)"[^>]*><img alt="[^"]*"[^>]*src="data:image/png;base64,'
-                                r'([A-Za-z0-9+/=]+)"', page):
-        out[key] = base64.b64decode(data)
-    return out
+    found = re.findall(r'<figure id="fig-([\w-]+)"[^>]*><img alt="[^"]*"[^>]*src="data:image/png;base64,'
+                       r'([A-Za-z0-9+/=]+)"', page)
+    return {key: base64.b64decode(data) for key, data in found}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Library level (no kernel)
-
-
-def test_occupancy_and_worst_frame_agree_with_evaluate(project):
-    root, metrics = project
-    run = report.load_run(root, MOL, SIZE, SEED)
-    occ = run.occupancy()
-    for m in ("mse", "crmse"):
-        assert occ[m].n_entered / occ[m].n_replicas == metrics[m]["spurious_replica_fraction"]
-        assert np.nanmin(occ[m].lowest_energy_rel) == pytest.approx(metrics[m]["lowest_energy_rel_dft_min"])
-        assert np.nanmin(occ[m].min_distance) == pytest.approx(metrics[m]["min_nonbonded_distance"])
-    mse = occ["mse"]
-    assert np.isfinite(mse.first_entry_ps).tolist() == [False, True, False, False]
-    assert mse.first_entry_ps[1] == pytest.approx(0.05)
-    # the worst MSE frame is the collapsed replica 1, 30 kcal/mol below the DFT minimum
-    assert mse.worst[1] == 1 and mse.worst_energy_rel == pytest.approx(-30.0)
-    assert np.linalg.norm(mse.worst_R[6] - mse.worst_R[5]) == pytest.approx(0.8, abs=1e-5)
-
-
-def test_generated_text_follows_the_numbers(project):
-    root, metrics = project
-    run = report.load_run(root, MOL, SIZE, SEED)
-    text = report.summary_paragraph(run)
-    assert "CRMSE reduced spurious-state occupancy from 1/4 to 0/4 replicas" in text
-    assert "Replicas bond-stable to the end: MSE 3/4, CRMSE 4/4." in text
-    # the opposite numbers give the opposite wording
-    run.metrics["mse"]["spurious_replica_fraction"], run.metrics["crmse"]["spurious_replica_fraction"] = 0.0, 0.5
-    assert "CRMSE increased spurious-state occupancy from 0/4 to 2/4 replicas" in report.summary_paragraph(run)
-    run.metrics["mse"]["spurious_replica_fraction"] = 0.0
-    run.metrics["crmse"]["spurious_replica_fraction"] = 0.0
-    assert "Neither model entered a spurious state" in report.summary_paragraph(run)
-    run.metrics["mse"]["energy_w1"], run.metrics["crmse"]["energy_w1"] = 9.0, 0.1
-    run.metrics["noise_floor"]["energy_w1"] = 0.5
-    s = report.summary_paragraph(run)
-    assert "CRMSE is closer to the DFT reference, and only CRMSE is within the noise floor" in s
-    run.metrics["mse"]["test_energy_mae"], run.metrics["crmse"]["test_energy_mae"] = 0.3, 1.2
-    assert "only MSE within chemical accuracy" in report.summary_paragraph(run)
-    # temperature: auto at T_set; like-for-like only when the pool's T_conf is within 5 %
-    run.metrics["reference"]["T_conf_mse_laplacian"] = T_SET * 1.02
-    t = report.temperature_sentence(run)
-    assert t.count(".") >= 1 and f"T = {T_SET:.0f} K" in t and "like-for-like" in t and "auto" in t.lower()
-    run.metrics["reference"]["T_conf_mse_laplacian"] = T_SET * 1.3
-    assert "colder than the data" in report.temperature_sentence(run)
-
-
-def test_metrics_table_has_a_floor_beside_every_metric(project):
-    root, metrics = project
-    run = report.load_run(root, MOL, SIZE, SEED)
-    df = report.metrics_table(run)
-    assert list(df.columns) == ["metric", "MSE", "CRMSE", "noise floor / DFT reference"]
-    by = dict(zip(df["metric"], df.itertuples(index=False), strict=True))
-    assert by["Replicas entering a spurious state"].MSE == "1/4"
-    assert by["Energy W1 (kcal/mol)"][3] == report.fmt(metrics["noise_floor"]["energy_w1"], 2)
-    for t in ("hydroxyl", "methyl"):
-        row = next(r for r in df.itertuples(index=False) if r.metric.startswith("F(φ) RMSE") and t in r.metric)
-        assert row[3] == report.fmt(metrics["noise_floor"][f"dihedral_{t}_rmse"], 2)
-    assert all(isinstance(v, str) and v for v in df.iloc[:, 3])
-
-
-def test_audit_absent_or_skipped_is_said(project, tmp_path):
-    root, _ = project
-    run = report.load_run(root, MOL, SIZE, SEED)
-    assert report.fig_audit(run) is not None and report.audit_table(run) is not None
-    run.audit, run.audit_frames = {"skipped": True, "reason": "ethanol is not in audit.molecules"}, None
-    assert report.fig_audit(run) is None and report.audit_table(run) is None
-    assert "skipped" in report.audit_sentence(run) and "audit.molecules" in report.audit_sentence(run)
-
-
-def test_every_figure_survives_a_model_without_valid_frames(tmp_path):
-    """A tiny pipeline run can kill every replica of a model: the report still draws, and says so."""
-    torch.set_num_threads(1)
-    metrics = make_run(tmp_path, crmse_dead=True)
-    assert metrics["crmse"]["stable_fraction"] == 0.0 and metrics["crmse"].get("energy_w1") is None
-    run = report.load_run(tmp_path, MOL, SIZE, SEED)
-    assert run.audit == {"skipped": True, "reason": f"{MOL} is not in audit.molecules"}
-    assert run.occupancy()["crmse"].worst is None and run.occupancy()["crmse"].n_entered == 0
-    figs = {name: getattr(report, f"fig_{name}")(run) for name in (
-        "temperatures", "spurious", "worst", "stability", "energy", "hr", "dihedrals", "parity", "training",
-        "chains", "hole_gradient", "audit")}
-    assert figs.pop("audit") is None
-    for name, fig in figs.items():
-        assert report.figure_png(fig).startswith(b"\x89PNG"), name
-    text = report.summary_paragraph(run)
-    assert "Replicas bond-stable to the end: MSE 3/4, CRMSE 0/4." in text and "undefined" in text
-    assert report.metrics_table(run).set_index("metric").loc["Energy W1 (kcal/mol)", "CRMSE"] == "—"
-
-
-def test_missing_inputs_are_named(tmp_path):
-    _params(tmp_path)
-    with pytest.raises(report.ReportError, match=r"metrics/ethanol/n20/s0/metrics\.json.*crmse_log\.csv"):
-        report.load_run(tmp_path, MOL, SIZE, SEED)
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED)],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True)
-    assert out.returncode != 0 and "missing inputs" in out.stderr and "samples.npz" in out.stderr
+def test_stage_scripts_fail_fast_then_render_the_report_and_the_index(tmp_path):
+    _stage_project(tmp_path)
+    script = [sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED), "auto", "--no-progress"]
+    out = subprocess.run(script, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0 and "missing inputs" in out.stderr
+    assert "reference/metrics.json" in out.stderr and "crmse_memory_val.csv" in out.stderr
     assert not (tmp_path / "reports").exists()
 
-
-def test_discover_runs_keeps_declared_runs_and_variants(tmp_path):
-    for rel in ("ethanol/n200/s0", "ethanol/n50/s1", "ethanol/n999/s0", "aspirin/n200/s0", "ethanol/n200/s0/t500"):
-        write_json(tmp_path / "metrics" / rel / "metrics.json", {})
-    declared = {"molecules": ["ethanol"], "train_sizes": [50, 200], "seeds": [0, 1]}
-    runs = report.discover_runs(tmp_path, declared)
-    assert [r.rel for r in runs] == ["ethanol/n50/s1", "ethanol/n200/s0", "ethanol/n200/s0/t500"]
-    assert runs[2].variant == "t500" and runs[2].report_html == "ethanol/n200/s0/t500.html"
-    assert len(report.discover_runs(tmp_path)) == 5
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stage level: papermill + nbconvert
-
-
-def test_report_stage_renders_every_figure_and_the_table(project):
-    root, metrics = project
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED),
-                          "--no-progress"], cwd=root, env=_env(), capture_output=True, text=True)
+    write_fake_run(tmp_path)
+    out = subprocess.run(script, cwd=tmp_path, env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    stem = run_dir(root / "reports", MOL, SIZE, SEED)
-    page = stem.with_suffix(".html").read_text()
+    paths = RunPaths(MOL, SIZE, SEED, tmp_path)
+    page = paths.report("auto", tmp_path / "reports").with_suffix(".html").read_text()
     figs = _figures(page)
     assert set(figs) == set(report.RUN_FIGURES), sorted(set(report.RUN_FIGURES) ^ set(figs))
-    for key, png in figs.items():
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000, key  # a real, non-empty picture
-    assert page.count('src="data:image/png;base64,') == len(report.RUN_FIGURES)  # (the CSS has one more)
-    assert 'id="metrics-table"' in page and 'id="audit-table"' in page
-    assert "CRMSE reduced spurious-state occupancy from 1/4 to 0/4 replicas" in page
-    assert "correlated in time" in page and f"compared at T = {T_SET:.0f} K" in page
-    assert "report.load_run" not in page  # code is hidden
-    assert page.index('id="metrics-table"') < page.index('id="fig-temperature"') < page.index('id="fig-audit"')
-    nb = read_json(stem.with_suffix(".ipynb"))
+    assert all(png.startswith(b"\x89PNG") and len(png) > 10_000 for png in figs.values())
+    for table in ("evidence-table", "metrics-table", "audit-table"):
+        assert f'id="{table}"' in page, table
+    assert page.index('id="fig-overview"') < page.index('id="evidence-table"') < page.index('id="fig-audit"')
+    assert "CRMSE + memory" in page and "report.load_run" not in page  # code hidden
+    nb = read_json(paths.report("auto", tmp_path / "reports"))
     assert nb["metadata"]["papermill"]["parameters"] == {
-        "molecule": MOL, "size": SIZE, "seed": SEED, "root": ".", "variant": ""
-    }
-    assert not list(stem.parent.glob(".*.tmp"))  # atomic writes left no temporaries
+        "molecule": MOL, "size": SIZE, "seed": SEED, "temperature": "auto", "root": "."}
 
-
-def test_a_failing_cell_fails_the_stage_and_writes_nothing(project, tmp_path):
-    src, _ = project
-    root = tmp_path / "proj"
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns("reports"))
-    val = run_dir(root / "models", MOL, SIZE, SEED) / "crmse_val.csv"
-    val.write_text("iteration,something_else\n10,1.0\n")  # readable, but not the crmse stage's columns
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED),
-                          "--no-progress"], cwd=root, env=_env(), capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "the report notebook failed" in out.stderr and "val_energy_mae" in out.stderr
-    assert not (root / "reports").exists() or not list((root / "reports").rglob("*.*"))
-
-
-def test_index_stage_links_runs_and_draws_the_sweep(project, tmp_path):
-    src, _ = project
-    root = tmp_path / "proj"
-    shutil.copytree(src / "metrics", root / "metrics")
-    shutil.copytree(src / "models", root / "models", ignore=shutil.ignore_patterns("*.pt"))
-    _params(root)
-    p = yaml.safe_load((root / "params.yaml").read_text())
-    p.update(train_sizes=[SIZE, 40], seeds=[0, 1])
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    base = read_json(root / "metrics" / MOL / f"n{SIZE}" / "s0" / "metrics.json")
-    for size, seed, scale in ((40, 0, 0.5), (SIZE, 1, 1.1), (40, 1, 0.6), (999, 0, 1.0)):  # n999: not declared
-        met = {sec: {k: (v * scale if isinstance(v, float) and k != "T_set" else v) for k, v in d.items()}
-               for sec, d in base.items()}
-        write_json(run_dir(root / "metrics", MOL, size, seed) / "metrics.json", met)
-        write_json(run_dir(root / "models", MOL, size, seed) / "mse_metrics.json",
-                   read_json(root / "models" / MOL / f"n{SIZE}" / "s0" / "mse_metrics.json"))
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report_index.py"), "--no-progress"], cwd=root,
+    out = subprocess.run([sys.executable, str(REPO / "pipelines/report_index.py"), "--no-progress"], cwd=tmp_path,
                          env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    page = (root / "reports/index.html").read_text()
-    assert (root / "reports/index.ipynb").exists()
-    assert 'id="runs-table"' in page
-    links = re.findall(r'<a href="([^"]+)">', page)
-    assert sorted(links) == sorted(f"{MOL}/n{n}/s{s}.html" for n in (SIZE, 40) for s in (0, 1))
-    figs = _figures(page)
-    assert set(figs) == {f"sweep-{MOL}"} and len(figs[f"sweep-{MOL}"]) > 20_000
-    assert "4 evaluated runs" in page and "n999" not in page
-    table = page[page.index('id="sweep-table"'):]
-    table = table[: table.index("</table>")]
-    assert table.count("<tr") == 1 + 2 and " ± " in table  # header + two sizes, two seeds each
-    assert report.AUTO_GROUP in page
-
-
-def test_dvc_stages_declare_their_inputs():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    rep, idx = stages["report"], stages["report_index"]
-    assert set(rep["matrix"]) == {"molecule", "size", "seed"}
-    run = "${item.molecule}/n${item.size}/s${item.seed}"
-    for dep in ("pipelines/report.py", "pipelines/report.ipynb", "src/crmse/report.py", f"metrics/{run}/metrics.json",
-                f"metrics/{run}/plots", f"metrics/{run}/audit.json", f"models/{run}/crmse_log.csv",
-                f"models/{run}/mse_log.csv", f"results/{run}/mse/samples.npz", f"results/{run}/crmse/sample.json",
-                f"data/splits/{run}"):
-        assert dep in rep["deps"], dep
-    outs = [next(iter(o)) if isinstance(o, dict) else o for o in rep["outs"]]
-    assert sorted(outs) == sorted([f"reports/{run}.ipynb", f"reports/{run}.html"])
-    # the index follows every run whatever train_sizes holds: folder deps plus the declared-run params
-    assert {"metrics", "models", "pipelines/index.ipynb", "pipelines/report_index.py"} <= set(idx["deps"])
-    assert {"molecules", "train_sizes", "seeds"} <= set(idx["params"])
-
-
-def test_temperature_ablation_run_is_evaluated_reported_and_indexed_beside_the_main_run(project, tmp_path):
-    src, _ = project
-    root = tmp_path / "proj"
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns("reports"))
-    res = run_dir(root / "results", MOL, SIZE, SEED)
-    for name in ("mse", "crmse"):  # the same samples, declared as sampled at 500 K (the sample stage's layout)
-        out = res / "T500" / name
-        shutil.copytree(res / name, out)
-        with np.load(out / "samples.npz") as d:
-            arrays = {k: d[k] for k in d.files}
-        write_npz(out / "samples.npz", **{**arrays, "temperature": np.array(500.0)})
-        info = read_json(out / "sample.json")
-        write_json(out / "sample.json", {**info, "temperature_setting": 500.0, "temperature_K": 500.0})
-    params = _params(root)
-    evaluate_run(MOL, SIZE, SEED, params, root=root, device="cpu", progress=False, variant="T500")
-    met = read_json(run_dir(root / "metrics", MOL, SIZE, SEED) / "T500" / "metrics.json")
-    assert met["mse"]["T_set"] == 500.0 and met["reference"]["dihedral_temperature"] == 500.0
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report.py"), MOL, str(SIZE), str(SEED),
-                          "--temperature", "500", "--no-progress"], cwd=root, env=_env(), capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    page = (run_dir(root / "reports", MOL, SIZE, SEED) / "T500.html").read_text()
-    assert "sampled at 500 K (temperature ablation)" in page and "compared at T = 500 K" in page
-    out = subprocess.run([sys.executable, str(REPO / "pipelines/report_index.py"), "--no-progress"], cwd=root,
-                         env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    index = (root / "reports/index.html").read_text()
-    links = re.findall(r'<a href="([^"]+)">', index)
-    assert sorted(links) == sorted([f"{MOL}/n{SIZE}/s{SEED}.html", f"{MOL}/n{SIZE}/s{SEED}/T500.html"])
-    assert report.AUTO_GROUP in index and "T = 500 K" in index
-
-
-def test_hole_gradient_figure_needs_a_hole_memory(project):
-    root, _ = project
-    run = report.load_run(root, MOL, SIZE, SEED)
-    n_lines = len(report.fig_hole_gradient(run).axes[0].lines)
-    run.crmse_log["grad_cos_energy"] = -run.crmse_log["grad_cos"]  # what crmse.energy_projection logs as well
-    assert len(report.fig_hole_gradient(run).axes[0].lines) == n_lines + 1
-    run.crmse_log = run.crmse_log.drop(columns=["grad_cos", "grad_fit_norm", "grad_hole_norm"])  # hole_memory: 0
-    assert report.fig_hole_gradient(run) is None
+    index = (tmp_path / "reports/index.html").read_text()
+    assert re.findall(r'<a href="([^"]+)">', index) == [f"{MOL}/n{SIZE}/s{SEED}/Tauto.html"]
+    assert set(_figures(index)) == {f"arms-{MOL}-Tauto"} and 'id="runs-table"' in index

@@ -27,7 +27,10 @@ SETTINGS = SampleSettings(
 
 
 class _Faulty:
-    """Energy model that raises (like a crash or Ctrl-C) on call ``crash_call``, or gives replica 1 NaN forces."""
+    """Energy model that raises (like a crash or Ctrl-C) on call ``crash_call``, or gives replica 1 NaN forces.
+
+    Replica 1 is row 1 of the full batch only: once it is frozen, the engine leaves it out of the batch.
+    """
 
     def __init__(self, crash_call: int | None = None, nan_call: int | None = None) -> None:
         self.pot = BondPotential.for_molecule("ethanol")[0]
@@ -38,7 +41,7 @@ class _Faulty:
         if self.crash_call is not None and self.calls >= self.crash_call:
             raise KeyboardInterrupt("simulated interruption")
         E, F = self.pot(R)
-        if self.nan_call is not None and self.calls >= self.nan_call:
+        if self.nan_call is not None and self.calls >= self.nan_call and len(R) == SETTINGS.n_replicas:
             F = F.clone()
             F[1] = float("nan")
         return E, F
@@ -55,7 +58,7 @@ def _run(tmp, reference, model=None, settings=SETTINGS, **kw):
     model = model or _Faulty()
     return run_sampling(
         model, z, R, settings, tmp / "out", device="cpu", dtype=torch.float32,
-        meta={"label": "test"}, progress=False, **kw,
+        meta={"label": "test", **kw.pop("meta", {})}, progress=False, **kw,
     )
 
 
@@ -81,7 +84,10 @@ def test_outputs_follow_the_sample_contract(tmp_path, reference):
     assert abs(np.mean(a["T_kin"]) / 500.0 - 1) < 0.25  # 4 replicas × 0.1 ps: loose, just wiring
     js = read_json(out / "sample.json")
     assert js["stability"]["stable_fraction"] == 1.0 and js["stability"]["median_time_to_instability_ps"] == 0.1
-    assert js["throughput"]["replica_steps_per_s"] > 0 and js["throughput"]["steps_run_this_invocation"] == 220
+    assert "throughput" not in js  # run-to-run-varying numbers live in timing.json
+    timing = read_json(out / "timing.json")
+    assert timing["replica_steps_per_s"] > 0 and timing["steps_run_this_invocation"] == 220
+    assert timing == summary["throughput"] and not timing["resumed"]
     assert js["T_conf_frames"] == 40 and 200 < js["T_conf_samples_K"] < 1200
     assert summary["label"] == "test"
     traj = read(out / "trajectory.traj", ":")
@@ -124,6 +130,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, reference):
     assert resumed.keys() == full.keys()
     for k in full:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+    # Every output a stage may depend on is byte-identical; only timing.json differs.
+    for name in ("samples.npz", "sample.json", "trajectory.traj"):
+        assert (tmp_path / "b/out" / name).read_bytes() == (tmp_path / "a/out" / name).read_bytes(), name
+    assert read_json(tmp_path / "b/out/timing.json")["resumed"]
 
 
 def test_changed_settings_never_resume_a_stale_partial_run(tmp_path, reference):
@@ -163,7 +173,7 @@ def test_sample_stage_script_runs_on_a_checkpoint(tmp_path):
     params["device"] = "cpu"
     params["torch_threads"] = 1
     params["md"].update(
-        temperature=500.0, n_replicas=3, equilibration_fs=5.0, production_ps=0.02, save_every=5,
+        temperatures=[500], n_replicas=3, equilibration_fs=5.0, production_ps=0.02, save_every=5,
         chunk_frames=3, trajectory_replica=1, skin=0.5, conf_temperature_frames=6,
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -179,12 +189,146 @@ def test_sample_stage_script_runs_on_a_checkpoint(tmp_path):
     # Run a copy of the script so that only it (not its neighbours in pipelines/) is on sys.path.
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines/sample.py").write_text((repo / "pipelines/sample.py").read_text())
-    cmd = [sys.executable, "pipelines/sample.py", "ethanol", "20", "0", "mse"]
+    cmd = [sys.executable, "pipelines/sample.py", "ethanol", "20", "0", "500", "mse"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = tmp_path / "results/ethanol/n20/s0/mse"
-    assert sorted(p.name for p in res.iterdir()) == ["sample.json", "samples.npz", "trajectory.traj"]
+    res = tmp_path / "results/ethanol/n20/s0/T500/mse"
+    assert sorted(p.name for p in res.iterdir()) == ["sample.json", "samples.npz", "timing.json", "trajectory.traj"]
     js = read_json(res / "sample.json")
-    assert js["model"] == "mse" and js["temperature_K"] == 500.0 and js["pair_list"].startswith("verlet")
+    assert js["arm"] == "mse" and js["temperature_K"] == 500.0 and js["pair_list"].startswith("verlet")
     assert js["n_frames"] == 8 and js["stability"]["n_replicas"] == 3
     assert _arrays(res / "samples.npz")["R"].shape == (8, 3, 9, 3)
+
+
+# -- issue 31: resume fingerprint covers the code, partial folders are checked and never half-made -------------
+
+
+def test_a_code_change_discards_the_partial_run_and_says_so(tmp_path, reference, monkeypatch, capsys):
+    """Issue 31.1: kill mid-run, change the integrator's code, rerun: it must start over, not resume."""
+    import crmse.sampling
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", reference, model=_Faulty(crash_call=1 + 20 + 60 + 5))
+    assert (tmp_path / "b/.out.partial/chunk_00000.npz").exists()
+    real = crmse.sampling.source_digest
+    # What an edit of langevin.py (e.g. its friction factor) does to the fingerprint.
+    monkeypatch.setattr(crmse.sampling, "source_digest", lambda m: "edited" if m == "crmse.langevin" else real(m))
+    model = _Faulty()
+    summary = _run(tmp_path / "b", reference, model=model)
+    assert model.calls == 221 and not summary["throughput"]["resumed"]  # started over
+    out = capsys.readouterr().out
+    assert "discarding the partial run" in out and "made by other code: crmse.langevin" in out
+    # Unchanged code (and settings, inputs) still resumes.
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "c", reference, model=_Faulty(crash_call=1 + 20 + 60 + 5))
+    model = _Faulty()
+    assert _run(tmp_path / "c", reference, model=model)["throughput"]["resumed"] and model.calls == 140
+
+
+def test_the_code_fingerprint_sees_code_but_not_comments(tmp_path, monkeypatch):
+    from crmse.sampling import TRAJECTORY_LIBRARIES, TRAJECTORY_MODULES, code_fingerprint, source_digest
+
+    mod = tmp_path / "toy_integrator.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def digest(text: str) -> str:
+        mod.write_text(text)
+        source_digest.cache_clear()
+        return source_digest("toy_integrator")
+
+    base = digest('"""Doc."""\n\ndef kick(v, f):\n    return v + 0.5 * f\n')
+    commented = '"""Other doc."""\n# a comment\n\ndef kick(v, f):\n    """Doc."""\n    return v + 0.5 * f  # why\n'
+    assert digest(commented) == base
+    assert digest('"""Doc."""\n\ndef kick(v, f):\n    return v + 0.25 * f\n') != base  # a friction-factor edit
+    source_digest.cache_clear()
+    fp = code_fingerprint()
+    assert set(TRAJECTORY_MODULES) <= set(fp) and set(TRAJECTORY_LIBRARIES) <= set(fp)
+    assert fp["torch"] == torch.__version__
+    for m in ("crmse.sampling", "crmse.langevin", "crmse.pairlist", "crmse.model", "crmse.geometry", "crmse.units"):
+        assert m in TRAJECTORY_MODULES
+
+
+def test_a_checkpoint_of_other_atoms_fails_before_anything_is_written(tmp_path, reference):
+    """Issue 31.4: a same-size model of other elements must not be sampled; no partial folder is left."""
+    from crmse.data import Frames
+    from crmse.model import CheckpointError, build_model
+    from crmse.pairlist import VerletPotential
+
+    a = synthetic_arrays("ethanol", 8, seed=1)
+    other = a["z"].astype(np.int64).copy()
+    other[8] = 7  # same size, another element
+    frames = Frames(other, a["R"], a["E"][:, 0], a["F"], a["md17_index"])
+    tiny = {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 1, "n_rbf": 6, "cutoff": 3.0, "dtype": "float32"}
+    model = build_model(other, tiny, frames)
+    for fn in (model.energy_and_forces, VerletPotential(model, skin=0.5)):
+        with pytest.raises(CheckpointError, match=r"models/x\.pt: the checkpoint is for atoms C2H5NO .* has C2H6O"):
+            _run(tmp_path, reference, model=fn, meta={"checkpoint": "models/x.pt"})
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .out.partial, no out
+
+
+def test_a_run_failing_before_its_first_chunk_leaves_no_partial_folder(tmp_path, reference):
+    def broken(R):
+        raise RuntimeError("shape mismatch in the model")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _run(tmp_path, reference, model=broken)
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "wrong_shape"])
+def test_a_damaged_chunk_is_discarded_and_recomputed(tmp_path, reference, capsys, damage):
+    """Issue 31.7: a corrupt chunk in the resume folder is detected, discarded (and said so), and recomputed."""
+    from crmse.io import write_npz
+
+    _run(tmp_path / "a", reference)
+    full = (tmp_path / "a/out/samples.npz").read_bytes()
+
+    crash = 1 + 20 + 3 * 60 + 5  # chunks 0, 1, 2 on disk
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", reference, model=_Faulty(crash_call=crash))
+    chunk = tmp_path / "b/.out.partial/chunk_00001.npz"
+    data = chunk.read_bytes()
+    if damage == "truncate":
+        chunk.write_bytes(data[: len(data) // 2])
+    elif damage == "garble":
+        chunk.write_bytes(data[:200] + bytes(b ^ 0xFF for b in data[200:400]) + data[400:])
+    else:
+        arrays = _arrays(chunk)
+        arrays["R"] = arrays["R"][:2]
+        write_npz(chunk, **arrays)
+    model = _Faulty()
+    summary = _run(tmp_path / "b", reference, model=model)
+    out = capsys.readouterr().out
+    assert "chunk_00001.npz is damaged" in out and "with the 1 chunk(s) after it" in out and "after chunk 0" in out
+    assert model.calls == 140 and summary["throughput"]["resumed"]  # chunks 1, 2, 3 again (60 + 60 + 20 steps)
+    assert (tmp_path / "b/out/samples.npz").read_bytes() == full
+
+
+def test_frozen_replicas_are_compacted_out_with_byte_identical_outputs(tmp_path, reference):
+    """Issue 31.9 at the stage level: compaction on or off, samples.npz and sample.json are the same bytes."""
+    import inspect
+
+    from crmse.langevin import Langevin
+
+    pot = BondPotential.for_molecule("ethanol")[0]
+    x_max = float(reference[1][:, :, 0].mean()) + 0.15
+
+    def fuse(R):  # frame-separable fault: a frame whose centroid x passes x_max blows up
+        E, F = pot(R)
+        lit = R[:, :, 0].mean(1) > x_max
+        return E, torch.where(lit[:, None, None], -5.0 * F, F)
+
+    settings = SampleSettings(**{**SETTINGS.__dict__, "n_replicas": 9, "production_ps": 0.3, "trajectory_replica": 0})
+    for compact in (False, True):
+        _run(tmp_path / str(compact), reference, model=fuse, settings=settings, compact=compact)
+    a, b = tmp_path / "False/out", tmp_path / "True/out"
+    unstable = _arrays(a / "samples.npz")["unstable_frame"]
+    assert 2 <= (unstable >= 0).sum() <= 7 and len(set(unstable[unstable >= 0])) >= 2  # some die, at various times
+    for name in ("samples.npz", "sample.json", "trajectory.traj"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    on, off = read_json(b / "timing.json")["compaction"], read_json(a / "timing.json")["compaction"]
+    assert on["enabled"] and on["off_reason"] is None and on["rows_skipped"] > 0
+    assert not off["enabled"] and off["rows_skipped"] == 0
+    # Compaction is the default of both the stage function and the engine.
+    assert inspect.signature(run_sampling).parameters["compact"].default is True
+    assert inspect.signature(Langevin).parameters["compact"].default is True

@@ -84,8 +84,32 @@ def test_resolve_temperature_number_or_auto_from_training_frames():
     assert abs(resolve_temperature("auto", model, train) / T - 1) < 0.03
     # The numerator uses the frames' own forces: doubling them quadruples T_conf.
     train2 = Frames(train.z, R, train.E, 2 * F_dft, train.md17_index)
-    assert abs(resolve_temperature("auto", model, train2) / (4 * T) - 1) < 0.03
+    assert abs(resolve_temperature("auto", model, train2, bounds=(1.0, 1e4)) / (4 * T) - 1) < 0.03
     assert resolve_temperature(500, model, train) == 500.0
     for bad in ("hot", -3.0, 0, float("nan"), True):
         with pytest.raises(ValueError, match="temperature"):
             resolve_temperature(bad, model, train)
+
+
+def test_an_implausible_auto_temperature_is_a_clear_error():
+    """Issue 31.6: outside 250–1000 K (MD17 is nominally 500 K, measured auto 551–676 K) the estimate is refused."""
+    from crmse.temperature import AUTO_TEMPERATURE_RANGE_K, ImplausibleTemperatureError, check_auto_temperature
+
+    lo, hi = AUTO_TEMPERATURE_RANGE_K
+    assert lo <= 500.0 and all(lo <= t <= hi for t in (551.9, 645.0, 676.5))  # nominal and measured values pass
+    assert check_auto_temperature(674.3, 400) == 674.3
+    for T in (4009.0, 20.0, float("nan"), float("inf")):
+        with pytest.raises(ImplausibleTemperatureError, match=r"400 frames.*undertrained model.*Laplacian"):
+            check_auto_temperature(T, 400)
+    # Through resolve_temperature: a model whose Laplacian is 4x too small reads 4x too hot.
+    k = np.array([50.0, 200.0, 800.0])
+    T = 645.0
+    R = np.random.default_rng(2).standard_normal((500, 3, 3)) * np.sqrt(KB * T / k)[None, :, None]
+    frames = Frames(np.array([1, 1, 1]), R, np.zeros(len(R)), -k[None, :, None] * R, np.arange(len(R)))
+    assert abs(resolve_temperature("auto", _HarmonicModel(k), frames) / T - 1) < 0.1
+    with pytest.raises(ImplausibleTemperatureError, match=r"auto temperature is 2\d{3} K \(T_conf of 500 frames"):
+        resolve_temperature("auto", _HarmonicModel(k / 4), frames)
+    # A non-convex model (negative Laplacian): the same error class, the same likely causes.
+    with pytest.raises(ImplausibleTemperatureError, match="undefined.*undertrained"):
+        resolve_temperature("auto", _HarmonicModel(-k), frames)
+    assert resolve_temperature(300, _HarmonicModel(-k), frames) == 300.0  # a number is never second-guessed

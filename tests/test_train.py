@@ -181,10 +181,11 @@ def _write_split(root: Path, train: Frames, val: Frames, test: Frames) -> None:
         fr.save(out / f"{name}.npz")
 
 
-def _params(**mse) -> dict:
-    # Only the sections pretrain reads; independent of the repository's params.yaml.
+def _params(bounds: tuple[float, float] = (1e-3, 1e12), **mse) -> dict:
+    # Only the sections pretrain reads; independent of the repository's params.yaml. The default bounds accept
+    # any auto temperature: these tiny, briefly trained models give ~10⁶ K.
     return {"device": "cpu", "torch_threads": 0, "model": dict(TINY), "mse": {**MSE, "max_epochs": 3, **mse},
-            "md": {"auto_temperature_frames": 10}}
+            "md": {"auto_temperature_frames": 10, "auto_temperature_bounds": list(bounds)}}
 
 
 def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path, data):
@@ -192,7 +193,9 @@ def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path,
     _write_split(tmp_path / "splits", train, val, frames(12, 2))
     m = pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False)
     out = tmp_path / "models/ethanol/n48/s0"
-    assert sorted(p.name for p in out.iterdir()) == ["mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt", "mse_timing.json"
+    ]
     metrics = read_json(out / "mse_metrics.json")
     assert metrics["test"] == m["test"] and metrics["val"] == m["val"]
     for split in ("val", "test"):
@@ -216,7 +219,8 @@ def test_pretrain_with_nan_data_writes_no_checkpoint(tmp_path, data):
     F[:] = np.inf
     _write_split(tmp_path / "splits", Frames(train.z, train.R, train.E, F, train.md17_index), val, val)
     with pytest.raises(TrainingError, match="epoch 1, batch 1/3"):
-        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False)
+        pretrain("ethanol", 48, 0, _params(bounds=(250, 1000)), tmp_path / "splits", tmp_path / "models",
+                 progress=False)
     out = tmp_path / "models/ethanol/n48/s0"
     assert not out.exists() or not any(out.iterdir())
 
@@ -246,3 +250,42 @@ def test_presets_cover_the_same_keys_and_round_trip(tmp_path):
     if not (REPO / "params.yaml").read_text().startswith("# preset:"):
         # params.yaml holds the CPU defaults: cpu.yaml must restore exactly them.
         assert back == validate(start)
+
+
+# -- byte-determinism and the auto-temperature guard ----------------------------------------------------------------
+
+
+def test_pretrain_artifacts_are_byte_identical_across_reruns(tmp_path, data):
+    """The same seed gives the same bytes in every file a stage depends on; timings go apart."""
+    train, val = data
+    _write_split(tmp_path / "splits", train, val, frames(12, 2))
+    outs = []
+    for run in ("a", "b"):
+        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / run, progress=False)
+        out = tmp_path / run / "ethanol/n48/s0"
+        timing = read_json(out / "mse_timing.json")
+        assert timing["wall_s"] > 0 and timing["train_frames_per_s"] > 0 and len(timing["epoch_wall_s"]) == 3
+        outs.append(out)
+    for name in ("mse.pt", "mse_spk.pt", "mse_log.csv", "mse_metrics.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    metrics = read_json(outs[0] / "mse_metrics.json")
+    assert not {"wall_s", "train_frames_per_s"} & set(metrics) and metrics["T_auto_K"] > 0
+    header = (outs[0] / "mse_log.csv").read_text().splitlines()[0].split(",")
+    assert header == list(LOG_COLUMNS) and "wall_s" not in header
+    assert sorted(p.name for p in outs[0].iterdir()) == [
+        "mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt", "mse_timing.json"
+    ]
+
+
+def test_pretrain_refuses_an_implausible_auto_temperature_and_writes_nothing(tmp_path, data):
+    """An undertrained model's auto temperature (here ~10⁶ K) is an error, not a sampling temperature."""
+    from crmse.temperature import ImplausibleTemperatureError
+
+    train, val = data
+    _write_split(tmp_path / "splits", train, val, frames(12, 2))
+    with pytest.raises(ImplausibleTemperatureError, match=r"auto temperature is .* K \(T_conf of 10 frames.*outside "
+                       r"the plausible 250–1000 K.*undertrained model"):
+        pretrain("ethanol", 48, 0, _params(bounds=(250, 1000)), tmp_path / "splits", tmp_path / "models",
+                 progress=False)
+    out = tmp_path / "models/ethanol/n48/s0"
+    assert not out.exists() or not any(out.iterdir())

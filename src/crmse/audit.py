@@ -1,6 +1,6 @@
 """Ab initio audit: DFT single points (PySCF) on configurations a potential samples.
 
-The audit asks DFT itself whether what a model samples is physical (issue 10, DESIGN.md §4):
+The audit asks DFT itself whether what a model samples is physical (docs/method.md §7):
 
 * :func:`select_frames` picks frames from a sample run (``samples.npz``): the lowest model energies
   (one per replica first, so the picks are not neighbouring frames of one replica), frames flagged
@@ -84,12 +84,39 @@ class DFTSettings:
         return cls(**{k: audit[k] for k in cls.__dataclass_fields__ if k in audit})
 
     def key_fields(self) -> dict[str, Any]:
-        """What a result depends on (threads do not change the numbers)."""
+        """What a result depends on (threads do not change the numbers).
+
+        The level of theory and every SCF setting (xc, basis, density fitting, grid level, conv_tol,
+        max_cycle, SOSCF fallback), the method, charge and spin :func:`dft_single_point` uses, the
+        PySCF version and the code of :func:`dft_single_point` itself (comments and docstrings aside);
+        the geometry (atomic numbers, rounded coordinates) is added by :func:`frame_key`.
+        """
         import pyscf
 
         d = asdict(self)
         d.pop("threads")
-        return {**d, "pyscf": pyscf.__version__, "decimals": COORD_DECIMALS, "cache_version": CACHE_VERSION}
+        return {
+            **d, "method": "RKS", "charge": 0, "spin": 0, "pyscf": pyscf.__version__,
+            "code": _single_point_code(), "decimals": COORD_DECIMALS, "cache_version": CACHE_VERSION,
+        }
+
+
+def _single_point_code() -> str:
+    """sha256 of :func:`dft_single_point`'s code as parsed (this file's text, so a monkeypatched stand-in
+    does not change it): an edit of how the settings are applied is a different computation."""
+    import ast
+
+    global _SINGLE_POINT_CODE
+    if _SINGLE_POINT_CODE is None:
+        tree = ast.parse(Path(__file__).read_text())
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "dft_single_point")
+        if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant):
+            fn.body = fn.body[1:]  # the docstring
+        _SINGLE_POINT_CODE = hashlib.sha256(ast.dump(fn).encode()).hexdigest()
+    return _SINGLE_POINT_CODE
+
+
+_SINGLE_POINT_CODE: str | None = None
 
 
 @dataclass
@@ -439,32 +466,13 @@ class AuditConfig:
 
 @dataclass
 class SampleRun:
-    """What the audit reads from a ``samples.npz``: R (T, M, n, 3) Å, E (T, M), unstable_frame (M,), time_ps (T,)."""
+    """What the audit reads of one arm's samples: R (T, M, n, 3) Å, model E (T, M), the valid-frame mask (T, M)
+    (:func:`crmse.artifacts.valid_frames`) and time_ps (T,)."""
 
     R: np.ndarray
     E: np.ndarray
-    unstable_frame: np.ndarray
+    valid: np.ndarray
     time_ps: np.ndarray | None = None
-    z: np.ndarray | None = None
-
-    @classmethod
-    def load(cls, path: str | Path) -> SampleRun:
-        with np.load(path) as d:
-            missing = {"R", "E", "unstable_frame"} - set(d.files)
-            if missing:
-                raise ValueError(f"{path}: missing keys {sorted(missing)} (expected the sample stage's samples.npz)")
-            opt = {k: d[k] for k in ("time_ps", "z") if k in d.files}
-            return cls(d["R"], d["E"], d["unstable_frame"], **opt)
-
-    def valid(self) -> np.ndarray:
-        """(T, M) frames strictly before each replica's instability, with finite energy and positions."""
-        T, M = self.E.shape
-        if self.R.shape[:2] != (T, M) or self.unstable_frame.shape != (M,):
-            raise ValueError(f"inconsistent sample shapes: R {self.R.shape}, E {self.E.shape}, "
-                             f"unstable_frame {self.unstable_frame.shape}")
-        uf = np.asarray(self.unstable_frame)
-        before = np.arange(T)[:, None] < np.where(uf < 0, T, uf)[None, :]
-        return before & np.isfinite(self.E) & np.isfinite(self.R).all((-1, -2))
 
 
 @dataclass
@@ -649,7 +657,7 @@ def run_audit(
             m_out["test_forces_mae"] = _mae(F_t, test.F)
 
         # 2. Choose frames, DFT them, and put the model's claim next to DFT's answer.
-        valid = run.valid()
+        valid = np.asarray(run.valid, dtype=bool)
         T, M = run.E.shape
         spur_all = np.asarray(detector(run.R, run.E), dtype=bool) & valid
         seed = (config.seed, zlib.crc32(name.encode()))  # per model, independent of the models' order

@@ -57,31 +57,54 @@ _LAYOUTS: dict[str, dict[str, str]] = {
 }
 
 
-def _open_npz(path: Path) -> Any:
-    head = path.read_bytes()[:512].lstrip().lower()
-    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
-        raise DataError(f"{path}: this is an HTML/XML page, not an npz file (the server sent an error page?)")
+def _open_npz(path: Path, name: str) -> Any:
+    """``np.load`` of an npz, or a :class:`DataError` naming ``name`` that says what the file is instead."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
+        raise DataError(f"{name}: this is an HTML/XML page, not an npz file (the server sent an error page?)")
+    # An npz is a zip archive (np.load would try any other file as a pickle and call it "pickled data").
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        if not head:
+            what = "an empty file"
+        elif _looks_like_text(head):
+            what = f"a text file (it starts {head[:40].decode('utf-8', 'replace')!r})"
+        elif head.startswith(b"\x93NUMPY"):
+            what = "a single .npy array"
+        else:
+            what = f"not a zip archive (it starts with {head[:8]!r})"
+        raise DataError(f"{name}: not an npz file: {what}; a wrong, truncated or corrupt download?")
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable npz file (truncated or corrupt download?): {exc}") from exc
+        raise DataError(f"{name}: not a readable npz file (truncated or corrupt download?): {exc}") from None
 
 
-def load_frames(path: str | Path, molecule: str, variant: str = "md17") -> Frames:
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+def load_frames(path: str | Path, molecule: str, variant: str = "md17", name: str | None = None) -> Frames:
     """Read and validate an MD17-style npz of ``molecule``; raise :class:`DataError` on any problem.
 
     ``variant='rmd17'`` selects the rMD17 PBE/def2-SVP labels of an rMD17-layout file.
-    A file already in the sGDML layout is read as is whatever the variant.
+    A file already in the sGDML layout is read as is whatever the variant. Errors name the file
+    as ``name`` (e.g. the URL a temporary download came from), by default its path.
     """
     check_molecule(molecule)
     path = Path(path)
+    name = str(path) if name is None else name
     if not path.exists():
-        raise DataError(f"{path}: file not found")
-    npz = _open_npz(path)
+        raise DataError(f"{name}: file not found")
+    npz = _open_npz(path, name)
     try:
         files = set(npz.files)
     except Exception as exc:  # noqa: BLE001 - zip directory unreadable
-        raise DataError(f"{path}: not a readable npz file: {exc}") from exc
+        raise DataError(f"{name}: not a readable npz file: {exc}") from None
     layout = _LAYOUTS["md17"] if {"z", "R", "E", "F"} <= files else _LAYOUTS["rmd17"]
     if layout is _LAYOUTS["rmd17"] and variant == "md17" and "old_energies" in files:
         # rMD17 file but MD17 labels wanted: the file carries them as old_*.
@@ -89,16 +112,16 @@ def load_frames(path: str | Path, molecule: str, variant: str = "md17") -> Frame
     missing = [v for k, v in layout.items() if k != "md17_index" and v not in files]
     if missing:
         raise DataError(
-            f"{path}: missing keys {missing}; expected sGDML keys z, R, E, F or rMD17 keys "
+            f"{name}: missing keys {missing}; expected sGDML keys z, R, E, F or rMD17 keys "
             f"nuclear_charges, coords, energies, forces (found {sorted(files)})"
         )
     try:
         arrays = {k: npz[v] for k, v in layout.items() if v in files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: an array could not be read (truncated or corrupt file?): {exc}") from exc
+        raise DataError(f"{name}: an array could not be read (truncated or corrupt file?): {exc}") from None
     if "md17_index" not in arrays:
         arrays["md17_index"] = np.arange(len(arrays["R"]))
-    return validate_frames(arrays, molecule, source=str(path))
+    return validate_frames(arrays, molecule, source=name)
 
 
 def validate_frames(arrays: dict[str, np.ndarray], molecule: str, source: str = "data") -> Frames:

@@ -1,33 +1,28 @@
-"""The `evaluate` stage: every observable of DESIGN.md §3 for the MSE and the CRMSE model of one run.
+"""The `reference` and `evaluate` stages: every observable of docs/method.md, per arm and temperature.
 
-Inputs (below the repository root):
+:func:`evaluate_reference` (one run, one temperature setting) describes the DFT reference pool:
+thresholds of the spurious-state detector, the pool's distributions and their noise floor (the same
+metrics between two halves of the pool). :func:`evaluate_arm` (one run, temperature, arm) compares one
+arm's samples with the pool and measures its test accuracy. Paths come from :class:`crmse.artifacts.RunPaths`:
 
-* ``data/splits/<mol>/n<size>/s<seed>/{test,reference}.npz`` — test split and DFT reference pool;
-* ``models/<mol>/n<size>/s<seed>/{mse,crmse}.pt`` — checkpoints (``crmse.model.load_checkpoint``);
-* ``results/<mol>/n<size>/s<seed>/[T<K>/]{mse,crmse}/samples.npz`` — the sample stage's trajectories, and
-  its ``sample.json`` beside it for the samples' configurational temperature (computed there with
-  ``crmse.temperature``; the Laplacian costs 3n backward passes per frame, so it is not redone here
-  unless sample.json lacks it).
+* ``metrics/<run>/<T>/reference/`` — ``metrics.json`` (sections ``reference``, ``noise_floor``) and
+  ``plots/{hr,energy,dihedral}/…reference.csv``;
+* ``metrics/<run>/<T>/<arm>/`` — ``metrics.json`` (the arm's flat row), ``replicas.csv`` (one row per
+  replica: first spurious entry, lowest energy, closest non-bonded contact, instability, time in spurious
+  states), ``worst_frame.json`` (the lowest-energy valid frame, for the report's picture) and ``plots/``:
+  ``hr/<arm>.csv`` (r_A, h), ``energy/<arm>.csv`` (energy_rel_kcal_mol = E − ⟨E_DFT⟩ of the pool, density),
+  ``dihedral/<torsion>_<arm>.csv`` (phi_deg, F_kcal_mol; unvisited bins omitted),
+  ``parity/{energy,forces}_<arm>.csv`` (dft, model) and ``stability/<arm>.csv`` (time_ps, stable_fraction).
 
-Outputs (``metrics/<mol>/n<size>/s<seed>/[T<K>/]``, the sub-folder for a temperature-ablation run):
-
-* ``metrics.json`` — flat numeric sections ``mse``, ``crmse``, ``reference``, ``noise_floor``;
-* ``plots/`` — CSV tables, one per curve and source: ``hr/<source>.csv`` (r_A, h),
-  ``energy/<source>.csv`` (energy_rel_kcal_mol = E − ⟨E_DFT⟩ of the pool, density),
-  ``dihedral/<torsion>_<source>.csv`` (phi_deg, F_kcal_mol; unvisited bins omitted),
-  ``parity/{energy,forces}_<model>.csv`` (dft, model; energies relative to the test-set DFT mean,
-  forces an evenly spaced subset of at most 5,000 components) and ``stability/<model>.csv``
-  (time_ps, stable_fraction). Sources: reference, mse, crmse.
-
-All F(φ) curves of a run use one temperature (the MSE samples' set temperature, recorded as
-``reference.dihedral_temperature``), so F(φ) differences are differences of ln p(φ) in kcal/mol.
+Every F(φ) curve at one temperature setting uses the resolved temperature of that setting, so F(φ)
+differences are differences of ln p(φ) in kcal/mol. The samples' configurational temperature comes
+from the sample stage's sample.json (the Laplacian costs 3n backward passes per frame).
 """
 
 from __future__ import annotations
 
 import csv
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,89 +30,42 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from crmse.artifacts import (
+    ArtifactError,
+    ReferenceMonitors,
+    RunPaths,
+    Samples,
+    load_samples,
+    load_split,
+    resolve_temperature,
+    valid_frames,
+)
 from crmse.data import Frames
-from crmse.io import atomic_path, read_json, run_dir, write_json
+from crmse.io import atomic_path, read_json, write_json
 from crmse.molecules import TORSIONS, check_molecule
 from crmse.observables import (
     HR_EDGES,
-    BondReference,
     Distributions,
-    SpuriousDetector,
     compare,
     dihedral_edges,
     distributions,
     energy_edges,
     energy_histogram,
     evenly_spaced,
-    first_unstable_frame,
     kinetic_temperature,
     noise_floor,
     replica_bootstrap,
     stability_summary,
     stable_fraction_curve,
-    valid_mask,
 )
 
-MODELS = ("mse", "crmse")
 PARITY_MAX_FORCES = 5000
-SAMPLE_KEYS = ("R", "E", "T_kin", "time_ps", "unstable_frame", "z", "temperature")
+REPLICA_COLUMNS = ("replica", "first_spurious_ps", "lowest_energy_rel_dft_min", "min_nonbonded_distance_A",
+                   "first_unstable_ps", "spurious_frame_fraction")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(ArtifactError):
     """An input of the evaluate stage is missing or inconsistent."""
-
-
-@dataclass
-class Samples:
-    """A sample stage output (see notes/HELPERS.md): R (T, M, n, 3) Å, E/T_kin (T, M), time_ps (T,), ..."""
-
-    R: np.ndarray
-    E: np.ndarray
-    T_kin: np.ndarray
-    time_ps: np.ndarray
-    unstable_frame: np.ndarray
-    z: np.ndarray
-    temperature: float
-
-
-def load_samples(path: str | Path) -> Samples:
-    """Read and check a ``samples.npz``; raise :class:`EvaluateError` naming the file and the problem."""
-    path = Path(path)
-    if not path.exists():
-        raise EvaluateError(f"samples file not found: {path} (run the sample stage for this model first)")
-    with np.load(path) as d:
-        missing = [k for k in SAMPLE_KEYS if k not in d]
-        if missing:
-            raise EvaluateError(f"{path}: missing keys {missing}; expected {list(SAMPLE_KEYS)}")
-        s = Samples(
-            R=d["R"].astype(np.float64),
-            E=d["E"].astype(np.float64),
-            T_kin=d["T_kin"].astype(np.float64),
-            time_ps=d["time_ps"].astype(np.float64),
-            unstable_frame=d["unstable_frame"].astype(np.int64),
-            z=d["z"].astype(np.int64),
-            temperature=float(d["temperature"]),
-        )
-    T, M = s.R.shape[:2] if s.R.ndim == 4 else (-1, -1)
-    if s.R.ndim != 4 or s.R.shape[2:] != (len(s.z), 3):
-        raise EvaluateError(f"{path}: R has shape {s.R.shape}, expected (T, M, {len(s.z)}, 3)")
-    for name, arr, shape in (("E", s.E, (T, M)), ("T_kin", s.T_kin, (T, M)), ("time_ps", s.time_ps, (T,))):
-        if arr.shape != shape:
-            raise EvaluateError(f"{path}: {name} has shape {arr.shape}, expected {shape}")
-    if s.unstable_frame.shape != (M,):
-        raise EvaluateError(f"{path}: unstable_frame has shape {s.unstable_frame.shape}, expected ({M},)")
-    if T < 1 or M < 1:
-        raise EvaluateError(f"{path}: no saved frames ({T} frames × {M} replicas)")
-    return s
-
-
-def load_split_frames(path: str | Path) -> Frames:
-    """A split file (z R E F md17_index) as :class:`Frames`."""
-    path = Path(path)
-    if not path.exists():
-        raise EvaluateError(f"split file not found: {path} (run the split stage first)")
-    with np.load(path) as d:
-        return Frames(d["z"], d["R"], d["E"].reshape(-1), d["F"], d["md17_index"])
 
 
 def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -203,8 +151,7 @@ def _write_distribution_plots(plots: Path, source: str, dist: Distributions, e_e
 
 def sample_observables(
     s: Samples,
-    bonds: BondReference,
-    detector: SpuriousDetector,
+    mon: ReferenceMonitors,
     ref: Distributions,
     torsions: Any,
     ev: dict[str, Any],
@@ -215,12 +162,11 @@ def sample_observables(
     Returns (metrics row, the samples' distributions or None when no frame is valid, first unstable
     frame per replica (M,), valid-frame mask (T, M)). Only frames before instability count.
     """
-    uf = first_unstable_frame(s.R, bonds, ev["bond_tolerance"], s.unstable_frame)
-    valid = valid_mask(uf, len(s.time_ps)) & np.isfinite(s.E) & np.isfinite(s.R).all((2, 3))
+    uf, valid = valid_frames(s, mon.bonds, ev["bond_tolerance"])
     row: dict[str, Any] = dict(stability_summary(uf, s.time_ps))
     row["n_replicas"] = int(s.R.shape[1])
     row["n_valid_frames"] = int(valid.sum())
-    row.update(detector.summary(s.R, s.E, valid, s.time_ps))
+    row.update(mon.detector.summary(s.R, s.E, valid, s.time_ps))
     row["T_set"] = s.temperature
     row["T_kin"] = kinetic_temperature(s.T_kin, valid)
     if valid.any():
@@ -235,129 +181,145 @@ def sample_observables(
     return row, sim, uf, valid
 
 
-def evaluate_run(
-    molecule: str,
-    size: int,
-    seed: int,
-    params: dict[str, Any],
-    root: str | Path = ".",
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    variant: str = "",
-) -> dict[str, Any]:
-    """Compute and write metrics.json and the plot tables of one (molecule, size, seed); return the metrics.
+def _reference_inputs(paths: RunPaths, temperature: Any, ev: dict[str, Any]) -> tuple[Frames, ReferenceMonitors, float]:
+    """The pool, its monitors and the F(φ) temperature (K) of a temperature setting."""
+    check_molecule(paths.molecule)
+    pool = load_split(paths.split("reference"))
+    return pool, ReferenceMonitors.from_pool(pool, ev), resolve_temperature(temperature, paths)
 
-    ``variant`` (e.g. ``T500``, :func:`crmse.io.temperature_variant`) reads the samples of that
-    sub-folder of results/<run>/ and writes to the same sub-folder of metrics/<run>/.
-    """
-    from crmse.model import load_checkpoint
 
-    check_molecule(molecule)
+def evaluate_reference(paths: RunPaths, temperature: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """Write the reference pool's metrics.json and plot tables for one temperature setting; return the metrics."""
     ev = params["evaluate"]
-    root = Path(root)
-    split = run_dir(root / "data/splits", molecule, size, seed)
-    ckpts = {m: run_dir(root / "models", molecule, size, seed) / f"{m}.pt" for m in MODELS}
-    sample_files = {m: run_dir(root / "results", molecule, size, seed) / variant / m / "samples.npz" for m in MODELS}
-    out = run_dir(root / "metrics", molecule, size, seed) / variant
-
-    # Fail early, naming every missing input at once.
-    needed = [split / "test.npz", split / "reference.npz", *ckpts.values(), *sample_files.values()]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise EvaluateError("evaluate: missing inputs (both models are required): " + ", ".join(missing))
-
-    pool = load_split_frames(split / "reference.npz")
-    test = load_split_frames(split / "test.npz")
-    samples = {m: load_samples(p) for m, p in sample_files.items()}
-    for m, s in samples.items():
-        if not np.array_equal(s.z, pool.z):
-            raise EvaluateError(f"{sample_files[m]}: atoms z={s.z.tolist()} differ from the reference pool's")
-    torsions = TORSIONS[molecule]
-    T_phi = samples["mse"].temperature  # one temperature for every F(φ) curve of this run
-    bins = ev["dihedral_bins"]
-
-    print(f"evaluate {molecule} n{size} s{seed}: reference pool {len(pool)} frames, test {len(test)} frames")
-    bonds = BondReference.from_frames(pool.z, pool.R, ev["bond_factor"])
-    detector = SpuriousDetector.from_reference(
-        pool.z, pool.R, pool.E, bonds.bonds, ev["spurious_energy_margin"], ev["spurious_distance_margin"]
-    )
+    pool, mon, T_phi = _reference_inputs(paths, temperature, ev)
+    torsions, bins = TORSIONS[paths.molecule], ev["dihedral_bins"]
+    print(f"reference {paths.rel} {temperature}: {len(pool)} pool frames, F(φ) at {T_phi:.1f} K")
     ref = distributions(pool.R, pool.E, torsions, bins, T_phi)
-    reference: dict[str, Any] = {
+    det = mon.detector
+    reference = {
         "n_frames": len(pool),
         "energy_min": float(pool.E.min()),
         "energy_mean": float(pool.E.mean()),
         "energy_std": float(pool.E.std()),
-        "max_bond_deviation": float(bonds.max_deviation(pool.R).max()),
-        "min_nonbonded_distance": detector.distance_min,
-        "spurious_distance_threshold": detector.distance_threshold,
-        "spurious_energy_threshold_rel_dft_min": -detector.energy_margin,
+        "max_bond_deviation": float(mon.bonds.max_deviation(pool.R).max()),
+        "min_nonbonded_distance": det.distance_min,
+        "spurious_distance_threshold": det.distance_threshold,
+        "spurious_energy_threshold_rel_dft_min": -det.energy_margin,
         "dihedral_temperature": T_phi,
     }
     floor = noise_floor(pool.R, pool.E, pool.md17_index, torsions, ev["noise_blocks"], bins, T_phi)
     floor["n_blocks"] = ev["noise_blocks"]
-
-    results: dict[str, dict[str, Any]] = {}
-    curves: dict[str, Any] = {}
-    for m in MODELS:
-        s = samples[m]
-        model, _meta = load_checkpoint(ckpts[m], device=device)
-        model.eval()
-        if hasattr(model, "z") and not np.array_equal(np.asarray(model.z.cpu()), pool.z):
-            raise EvaluateError(f"{ckpts[m]}: model atoms differ from the reference pool's")
-        print(f"[{m}] test accuracy, stability, spurious states, distributions, temperatures")
-        E_pred, F_pred = predict(model, test.R, ev["batch_size"], progress)
-        row: dict[str, Any] = {
-            "test_energy_mae": float(np.abs(E_pred - test.E).mean()),
-            "test_forces_mae": float(np.abs(F_pred - test.F).mean()),
-        }
-        sampled, sim, uf, valid = sample_observables(s, bonds, detector, ref, torsions, ev, T_phi)
-        row.update(sampled)
-        row["T_conf"], row["T_conf_frames"] = samples_conf_temperature(
-            sample_files[m].parent / "sample.json", model, s.R[valid], ev, progress
-        )
-        # DFT forces in the numerator, this model's Laplacian (DESIGN.md §3)
-        reference[f"T_conf_{m}_laplacian"] = conf_temperature(
-            model, pool.R, pool.F, ev["conf_temperature_frames"], ev["batch_size"], progress
-        )
-        if sim is None:
-            print(f"warning: [{m}] no valid frames; distribution metrics are undefined")
-        results[m] = row
-        curves[m] = {"dist": sim, "E_pred": E_pred, "F_pred": F_pred, "uf": uf, "time_ps": s.time_ps}
-
-    metrics = {**results, "reference": reference, "noise_floor": floor}
-    _write_outputs(out, metrics, ref, curves, pool, test, ev["energy_bins"])
+    out = paths.reference_dir(temperature)
+    plots = _fresh_plots(out)
+    _write_distribution_plots(plots, "reference", ref, energy_edges(ref.energies, [], ev["energy_bins"]),
+                              float(pool.E.mean()))
+    metrics = {"reference": reference, "noise_floor": floor}
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def _write_outputs(
-    out: Path,
-    metrics: dict[str, Any],
-    ref: Distributions,
-    curves: dict[str, dict[str, Any]],
-    pool: Frames,
-    test: Frames,
-    energy_bins: int,
-) -> None:
-    """Plot tables first, metrics.json last (its presence marks a complete evaluation)."""
+def evaluate_arm(
+    paths: RunPaths,
+    temperature: Any,
+    arm: str,
+    params: dict[str, Any],
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute and write one arm's metrics.json, replicas.csv, worst_frame.json and plot tables; return the row."""
+    from crmse.model import load_checkpoint
+
+    ev = params["evaluate"]
+    ckpt = paths.checkpoint(arm)
+    sample_dir = paths.samples_dir(temperature, arm)
+    # Fail early, naming every missing input at once.
+    needed = [paths.split("test"), paths.split("reference"), ckpt, sample_dir / "samples.npz"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise EvaluateError("evaluate: missing inputs: " + ", ".join(missing))
+    pool, mon, T_phi = _reference_inputs(paths, temperature, ev)
+    test = load_split(paths.split("test"))
+    s = load_samples(sample_dir / "samples.npz", z=pool.z)
+    torsions, bins = TORSIONS[paths.molecule], ev["dihedral_bins"]
+    ref = distributions(pool.R, pool.E, torsions, bins, T_phi)
+
+    model, _meta = load_checkpoint(ckpt, device=device, expected_z=pool.z)
+    model.eval()
+    print(f"evaluate {paths.rel} {temperature} {arm}: test accuracy, stability, spurious states, distributions")
+    E_pred, F_pred = predict(model, test.R, ev["batch_size"], progress)
+    row: dict[str, Any] = {
+        "test_energy_mae": float(np.abs(E_pred - test.E).mean()),
+        "test_forces_mae": float(np.abs(F_pred - test.F).mean()),
+    }
+    sampled, sim, uf, valid = sample_observables(s, mon, ref, torsions, ev, T_phi)
+    row.update(sampled)
+    row["T_conf"], row["T_conf_frames"] = samples_conf_temperature(
+        sample_dir / "sample.json", model, s.R[valid], ev, progress
+    )
+    # DFT forces in the numerator, this model's Laplacian: the temperature this surface assigns to the data
+    row["T_conf_pool_laplacian"] = conf_temperature(
+        model, pool.R, pool.F, ev["conf_temperature_frames"], ev["batch_size"], progress
+    )
+    if sim is None:
+        print(f"warning: [{arm}] no valid frames; distribution metrics are undefined")
+
+    out = paths.metrics_dir(temperature, arm)
+    plots = _fresh_plots(out)
+    if sim is not None:
+        edges = energy_edges(ref.energies, [sim.energies], ev["energy_bins"])
+        _write_distribution_plots(plots, arm, sim, edges, float(pool.E.mean()))
+    et = float(test.E.mean())
+    _write_csv(plots / "parity" / f"energy_{arm}.csv", ["dft", "model"], zip(test.E - et, E_pred - et, strict=True))
+    f_dft, f_model = test.F.reshape(-1), F_pred.reshape(-1)
+    sel = evenly_spaced(len(f_dft), PARITY_MAX_FORCES)
+    _write_csv(plots / "parity" / f"forces_{arm}.csv", ["dft", "model"], zip(f_dft[sel], f_model[sel], strict=True))
+    frac = stable_fraction_curve(uf, len(s.time_ps))
+    _write_csv(plots / "stability" / f"{arm}.csv", ["time_ps", "stable_fraction"], zip(s.time_ps, frac, strict=True))
+    replicas, worst = replica_table(s, mon, uf, valid)
+    _write_csv(out / "replicas.csv", list(REPLICA_COLUMNS), replicas)
+    write_json(out / "worst_frame.json", worst)
+    write_json(out / "metrics.json", row)  # last: its presence marks a complete evaluation
+    return row
+
+
+def replica_table(
+    s: Samples, mon: ReferenceMonitors, uf: np.ndarray, valid: np.ndarray
+) -> tuple[list[tuple[float, ...]], dict[str, Any]]:
+    """Per-replica spurious-state facts (rows of :data:`REPLICA_COLUMNS`) and the lowest-energy valid frame.
+
+    Energies are relative to the pool's DFT minimum (kcal/mol), distances in Å, times in ps (NaN: never).
+    """
+    det = mon.detector
+    spur = det(s.R, s.E) & valid
+    entered = spur.any(0)
+    first = np.where(entered, s.time_ps[spur.argmax(0)], np.nan)
+    E_rel = np.where(valid, s.E - det.energy_min, np.inf)
+    lowest = np.where(valid.any(0), E_rel.min(0), np.nan)
+    dist = np.where(valid, det.min_nonbonded_distance(s.R), np.inf)
+    closest = np.where(valid.any(0), dist.min(0), np.nan)
+    unstable = np.where(uf >= 0, s.time_ps[np.clip(uf, 0, len(s.time_ps) - 1)], np.nan)
+    occupied = spur.sum(0) / np.maximum(valid.sum(0), 1)
+    rows = list(zip(range(s.n_replicas), first, lowest, closest, unstable, occupied, strict=True))
+    worst: dict[str, Any] = {}
+    if valid.any():
+        t, m = np.unravel_index(np.argmin(E_rel), E_rel.shape)
+        R = s.R[t, m]
+        i, j = det.pairs[np.argmin(np.linalg.norm(R[det.pairs[:, 1]] - R[det.pairs[:, 0]], axis=-1))]
+        worst = {
+            "replica": int(m),
+            "time_ps": float(s.time_ps[t]),
+            "energy_rel_dft_min": float(E_rel[t, m]),
+            "z": s.z.tolist(),
+            "R": np.round(R, 6).tolist(),
+            "bonds": mon.bonds.bonds.tolist(),
+            "closest_pair": [int(i), int(j)],
+        }
+    return rows, worst
+
+
+def _fresh_plots(out: Path) -> Path:
+    """``out/plots``, emptied: stale tables of an earlier run (e.g. another torsion's) must not survive."""
     plots = out / "plots"
-    if plots.exists():  # stale tables of an earlier run (e.g. another torsion table) must not survive
+    if plots.exists():
         shutil.rmtree(plots)
-    dists = {m: c["dist"] for m, c in curves.items() if c["dist"] is not None}
-    e_edges = energy_edges(ref.energies, [d.energies for d in dists.values()], energy_bins)
-    e0 = float(pool.E.mean())
-    _write_distribution_plots(plots, "reference", ref, e_edges, e0)
-    for m, c in curves.items():
-        if c["dist"] is not None:
-            _write_distribution_plots(plots, m, c["dist"], e_edges, e0)
-        et = float(test.E.mean())
-        _write_csv(
-            plots / "parity" / f"energy_{m}.csv", ["dft", "model"], zip(test.E - et, c["E_pred"] - et, strict=True)
-        )
-        f_dft, f_model = test.F.reshape(-1), c["F_pred"].reshape(-1)
-        sel = evenly_spaced(len(f_dft), PARITY_MAX_FORCES)
-        _write_csv(plots / "parity" / f"forces_{m}.csv", ["dft", "model"], zip(f_dft[sel], f_model[sel], strict=True))
-        frac = stable_fraction_curve(c["uf"], len(c["time_ps"]))
-        _write_csv(
-            plots / "stability" / f"{m}.csv", ["time_ps", "stable_fraction"], zip(c["time_ps"], frac, strict=True)
-        )
-    write_json(out / "metrics.json", metrics)
+    return plots

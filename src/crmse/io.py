@@ -52,6 +52,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=_default, allow_nan=True) + "\n")
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (e.g. a ``torch.save`` made in memory: see :mod:`crmse.model`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -1,18 +1,27 @@
 """Batched BAOAB Langevin dynamics (Leimkuhler–Matthews) on B replicas of one molecule.
 
-One engine serves the sampling stage and the CRMSE chains (DESIGN.md §2).
+One engine serves the sampling stage and the CRMSE chains (docs/method.md §5).
 Units: Å, fs, amu, kcal/mol, K; friction γ in 1/fs (γ = 0 gives velocity Verlet).
 
 * The energy model is any callable ``energy_forces(R (B, n, 3)) -> (E (B,), F (B, n, 3))``
-  (kcal/mol, kcal/mol/Å); it is evaluated exactly once per step (the forces of the new
-  positions are kept in the state and reused by the next step's first half-kick).
+  (kcal/mol, kcal/mol/Å), frame-separable (row b depends on R[b] only, not on its row index or
+  the batch); it is evaluated exactly once per step (the forces of the new positions are kept
+  in the state and reused by the next step's first half-kick).
 * Everything lives on the state's device; a step does no host round-trip (no ``.item()``,
-  no ``.cpu()``), so many steps queue up on a GPU and run back to back.
+  no ``.cpu()``), so many steps queue up on a GPU and run back to back (one round-trip per
+  :meth:`Langevin.step` call decides which replicas the model sees).
 * A replica whose positions, energy or forces go non-finite, or whose bonds deviate from
   the reference means by more than the tolerance (:class:`StabilityCheck`), is frozen at
   its last good state (``alive`` False, ``unstable_step`` = the step that failed). Its
   positions stop changing and nothing non-finite ever enters the state, so one exploding
   replica cannot poison the others or crash the run.
+* Frozen replicas are taken out of the model evaluation (``compact``): the integrator still
+  updates the whole batch (its elementwise arithmetic is then the same to the bit) and only the
+  alive rows go through the model. That leaves every survivor's trajectory bit-identical only if
+  the model's result for a frame does not depend on the batch it is in; MKL's gemm breaks that
+  for some batch sizes (float64, or float32 on several threads), so the first evaluation of each
+  new set of alive replicas is checked against the full batch and, at the first difference,
+  compaction is switched off for good (:attr:`Langevin.compaction`).
 * Randomness comes from one seeded :class:`torch.Generator` carried in the state, and the
   noise is drawn for every replica every step whatever the alive pattern: same seed, same
   device → the same trajectory, and a state saved with :meth:`LangevinState.state_dict`
@@ -47,8 +56,17 @@ def _as_tensor(x: Any, device: torch.device | str | None = None, dtype: torch.dt
     return torch.as_tensor(np.asarray(x), device=device, dtype=dtype)
 
 
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """True when two float tensors are identical bit for bit (NaN included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    as_int = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
+    return torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+
+
 class StabilityCheck:
-    """Stability criterion of DESIGN.md §3: finite positions, and every bond within ``tolerance`` Å of its mean.
+    """Stability criterion of docs/method.md §5: finite positions, and every bond within ``tolerance`` Å of its mean.
 
     ``bonds`` (n_bonds, 2) and ``mean_lengths`` (n_bonds,) come from reference frames
     (:meth:`from_reference`): the covalent-radius graph of :func:`crmse.geometry.bond_graph`
@@ -153,6 +171,7 @@ class Langevin:
         friction: γ, 1/fs (0 = velocity Verlet, energy-conserving).
         stability: optional bond criterion; non-finite values always freeze a replica.
         device, dtype: where and in what precision R, V, F live (use the model's dtype).
+        compact: evaluate only the alive replicas (frozen ones cost nothing), checked to change no bit.
     """
 
     def __init__(
@@ -165,6 +184,7 @@ class Langevin:
         stability: StabilityCheck | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        compact: bool = True,
     ) -> None:
         if not (dt > 0 and math.isfinite(dt)):
             raise ValueError(f"dt must be a positive number of fs, got {dt}")
@@ -184,6 +204,10 @@ class Langevin:
         self.friction = float(friction)
         self.stability = stability.to(self.device) if stability is not None else None
         self.temperature = temperature  # sets the noise amplitudes
+        self.compact = bool(compact)
+        #: How compaction went: model rows evaluated and skipped, checks made, and why it was switched off.
+        self.compaction: dict[str, Any] = {"rows_evaluated": 0, "rows_skipped": 0, "checks": 0, "off_reason": None}
+        self._checked: Tensor | None = None  # the alive set whose compacted evaluation was last checked
 
     # -- parameters ---------------------------------------------------------------------
     @property
@@ -207,6 +231,44 @@ class Langevin:
     def _evaluate(self, R: Tensor) -> tuple[Tensor, Tensor]:
         E, F = self.energy_forces(R)
         return E.detach().to(torch.float64).reshape(R.shape[0]), F.detach().to(self.dtype).reshape(R.shape)
+
+    def _active_rows(self, state: LangevinState) -> Tensor | None:
+        """Indices of the alive replicas when some are frozen, else None (whole batch); one host sync."""
+        if not self.compact or self.compaction["off_reason"] is not None:
+            return None
+        if bool(state.alive.all()):
+            return None
+        return torch.nonzero(state.alive).reshape(-1)
+
+    def _evaluate_rows(self, R: Tensor, state: LangevinState, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(E, F) of the whole batch R, the model run on ``rows`` only (others keep the frozen state's E, F).
+
+        The first time a set of rows is used, the result is compared bit for bit with the full batch's;
+        a difference switches compaction off (this step then uses the full batch's result).
+        """
+        B = R.shape[0]
+        if rows is None or self.compaction["off_reason"] is not None:
+            self.compaction["rows_evaluated"] += B
+            return self._evaluate(R)
+        self.compaction["rows_skipped"] += B - len(rows)
+        self.compaction["rows_evaluated"] += len(rows)
+        if len(rows) == 0:  # every replica frozen: nothing to evaluate, nothing will be kept
+            return state.E, state.F
+        E_rows, F_rows = self._evaluate(R.index_select(0, rows))
+        if self._checked is None or not torch.equal(self._checked, rows):
+            self.compaction["checks"] += 1
+            self.compaction["rows_evaluated"] += B
+            E_full, F_full = self._evaluate(R)
+            same = _same_bits(E_full.index_select(0, rows), E_rows) and _same_bits(F_full.index_select(0, rows), F_rows)
+            if not same:
+                self.compaction["off_reason"] = (
+                    f"the model's result for a frame depends on the batch size ({B} vs {len(rows)} replicas; "
+                    "e.g. BLAS rounding in float64 or on several threads): frozen replicas stay in the batch"
+                )
+                print(f"langevin: compaction off: {self.compaction['off_reason']}")
+                return E_full, F_full
+            self._checked = rows
+        return state.E.index_copy(0, rows, E_rows), state.F.index_copy(0, rows, F_rows)
 
     def _ok(self, R: Tensor, E: Tensor, F: Tensor, V: Tensor | None = None) -> Tensor:
         """Per-replica health: finite E, F (and V), and R passing the stability check (or finite R).
@@ -300,6 +362,7 @@ class Langevin:
         c1 = math.exp(-self.friction * self.dt)
         noise = self._v_thermal * math.sqrt(max(0.0, 1.0 - c1 * c1))
         kick = half * self._kick
+        rows = self._active_rows(state) if n_steps > 0 else None  # a replica frozen during the call stays in
         for _ in range(n_steps):
             # Fused multiply-adds keep the per-step op count (the CPU overhead at small B) low.
             V = torch.addcmul(state.V, kick, state.F)  # B: half kick with the stored forces
@@ -308,7 +371,7 @@ class Langevin:
                 xi = torch.randn(V.shape, generator=state.generator, device=self.device, dtype=self.dtype)
                 V = torch.addcmul(V.mul_(c1), noise, xi)
             R.add_(V, alpha=half)  # A
-            E, F = self._evaluate(R)  # the step's only model evaluation
+            E, F = self._evaluate_rows(R, state, rows)  # the step's only model evaluation (alive rows)
             V.addcmul_(kick, F)  # B
             ok = state.alive & self._ok(R, E, F, V)
             newly = state.alive & ~ok

@@ -21,7 +21,9 @@ training, the Langevin engine, CRMSE and the ASE calculators.
 from __future__ import annotations
 
 import copy
+import io
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ from schnetpack.nn.radial import GaussianRBF
 from schnetpack.representation import SchNet
 from torch import nn
 
-from crmse.io import atomic_path
+from crmse.artifacts import CheckpointError
+from crmse.io import write_bytes
+from crmse.units import formula
 
 CHECKPOINT_FORMAT = "crmse-potential-1"
 MODEL_KEYS = ("n_atom_basis", "n_filters", "n_interactions", "n_rbf", "cutoff", "dtype")
@@ -179,9 +183,27 @@ class Potential(nn.Module):
             props.R: R.reshape(-1, 3),
             props.Rij: Rij,
         }
-        inputs = self.representation(inputs)
-        y = self.head(inputs)["y_atom"].reshape(B, self.n_atoms)
+        x = self.representation(inputs)["scalar_representation"]
+        y = self._atom_outputs(x).reshape(B, self.n_atoms)
         return (y.double() * self.std).sum(1) + self.n_atoms * self.mean
+
+    def _atom_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-atom outputs y_i (N,) of the head from atom features x (N, n_atom_basis).
+
+        In eval mode (MD, evaluation) the head's last layer (one output) runs as a row-wise dot
+        product instead of schnetpack's matrix-vector product: BLAS gemv rounds a row differently
+        depending on how many rows there are, a row-wise sum does not, so an atom's energy does not
+        depend on the batch it is evaluated in (the Langevin engine drops frozen replicas from the
+        batch and must not change the others' energies). Forces are the same bits either way (the
+        layer's input gradient is an exact product). In training mode schnetpack's layer as it is,
+        so that training gives the numbers it always gave.
+        """
+        if self.training:
+            return self.head.outnet(x)[:, 0]
+        *hidden, last = self.head.outnet
+        for layer in hidden:
+            x = layer(x)
+        return (x * last.weight[0]).sum(-1) + last.bias[0]
 
     def energy_and_forces(
         self, R: torch.Tensor, create_graph: bool = False, prune: bool = False
@@ -244,21 +266,85 @@ def save_checkpoint(model: Potential, path: str | Path, meta: dict[str, Any] | N
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_bytes(path, torch_bytes(payload))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Potential, dict[str, Any]]:
-    """(model in eval mode on ``device``, meta) from a :func:`save_checkpoint` file."""
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` of ``obj`` as bytes that depend only on ``obj``.
+
+    ``torch.save`` to a file names the zip's records after the file (``<stem>/data.pkl``), so a save
+    through an atomic temporary path (a random name) changed the bytes on every run and DVC reran
+    everything downstream; in memory the records are always ``archive/...``.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The checkpoint's payload dict, or :class:`CheckpointError` naming the file (never torch's pickle advice)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        raise CheckpointError(
+            f"{path}: not a crmse checkpoint: not a torch zip archive (it starts with {head!r}); "
+            "a foreign, empty or overwritten file? Rerun the stage that writes it"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False: never the right advice for a file that should hold tensors.
+        raise CheckpointError(
+            f"{path}: not a crmse checkpoint: it holds objects other than tensors and plain data "
+            "(a foreign or tampered file; it was not unpickled). Rerun the stage that writes it"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged archive
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"{path}: not a readable crmse checkpoint: truncated or corrupt archive ({type(exc).__name__}"
+            f"{': ' + reason if reason else ''}); rerun the stage that writes it"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a crmse potential checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [k for k in ("z", "config", "scaling", "state_dict", "meta") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing} (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def check_atoms(path: str | Path, model_z: Any, expected_z: Any) -> None:
+    """Raise :class:`CheckpointError` unless a checkpoint's atoms equal the data's, in order."""
+    model_z = np.asarray(model_z).astype(np.int64).reshape(-1)
+    expected_z = np.asarray(expected_z).astype(np.int64).reshape(-1)
+    if not np.array_equal(model_z, expected_z):
+        raise CheckpointError(
+            f"{path}: the checkpoint is for atoms {formula(model_z)} {model_z.tolist()} but the data has "
+            f"{formula(expected_z)} {expected_z.tolist()}: a checkpoint of another molecule (or atom order)?"
+        )
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", expected_z: Any | None = None
+) -> tuple[Potential, dict[str, Any]]:
+    """(model in eval mode on ``device``, meta) from a :func:`save_checkpoint` file.
+
+    ``expected_z`` (the data's atomic numbers, in order), if given, must equal the checkpoint's:
+    checked before the model is built, so a checkpoint of another molecule fails before any work.
+    Every failure is a :class:`CheckpointError` (or FileNotFoundError) naming the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a crmse potential checkpoint (format {CHECKPOINT_FORMAT})")
+    payload = _read_payload(path)
+    if expected_z is not None:
+        check_atoms(path, payload["z"], expected_z)
     s = payload["scaling"]
-    model = Potential(payload["z"], payload["config"], s["mean_per_atom"], s["std_per_atom"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = Potential(payload["z"], payload["config"], s["mean_per_atom"], s["std_per_atom"])
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: the weights do not fit the model its config describes: {reason}") from None
     dev = resolve_device(device) if isinstance(device, str) else device
     return model.to(dev).eval(), payload["meta"]
 
@@ -334,9 +420,7 @@ def to_schnetpack(model: Potential) -> nn.Module:
 
 def export_schnetpack(model: Potential, path: str | Path) -> None:
     """Write :func:`to_schnetpack` of ``model`` with ``torch.save`` (loadable by ``schnetpack.utils.load_model``)."""
-    nnp = to_schnetpack(model)
-    with atomic_path(path) as tmp:
-        torch.save(nnp, tmp)
+    write_bytes(path, torch_bytes(to_schnetpack(model)))
 
 
 def spk_calculator(path: str | Path, cutoff: float, device: str = "cpu", dtype: torch.dtype = torch.float64) -> Any:

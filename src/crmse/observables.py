@@ -1,4 +1,4 @@
-"""Observables and metrics of DESIGN.md §3: one implementation for the DFT reference pool and every sampler.
+"""Observables and metrics of docs/method.md §6: one implementation for the DFT reference pool and every sampler.
 
 Everything here takes plain frames — positions R (..., n, 3) in Å and energies in kcal/mol — so the
 DFT reference pool, the MSE model's samples and the CRMSE model's samples go through identical code.
@@ -127,7 +127,7 @@ def stable_fraction_curve(unstable_frame: np.ndarray, n_frames: int) -> np.ndarr
 
 @dataclass
 class SpuriousDetector:
-    """Flags configurations the DFT reference pool never visits (DESIGN.md §3).
+    """Flags configurations the DFT reference pool never visits (docs/method.md §6, "Spurious-state detector").
 
     A frame is spurious if its model energy is below ``energy_threshold`` (the pool's lowest DFT energy
     minus a margin) or if some non-bonded pair is closer than ``distance_threshold`` (the pool's shortest

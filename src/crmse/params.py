@@ -16,9 +16,11 @@ import yaml
 
 from crmse.molecules import ATOMIC_NUMBERS
 
-# CRMSE checkpoint-selection rules (crmse.contrastive.train_crmse implements them); here so
-# that validating params needs no torch.
+# The arms (crmse.artifacts.ARMS), CRMSE checkpoint-selection rules and hole-gradient projections
+# (crmse.contrastive implements them); here so that validating params needs no torch.
+ARMS = ("mse", "crmse", "crmse_memory")
 SELECTION_RULES = ("fewest_chain_failures", "best_val_forces", "last")
+PROJECTIONS = ("off", "fit", "fit_and_energy")
 
 
 class ParamsError(ValueError):
@@ -27,7 +29,7 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # int | float | str | bool | temperature | list[int] | list[str] | list0[float] (may be empty)
+    kind: str  # int | float | str | bool | temperature | list[int] | list[str] | list[temperature]
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] | None = None
@@ -98,39 +100,45 @@ SCHEMA: dict[str, Any] = {
         "early_stopping_patience": Field("int", 1),
         "grad_clip": _pos(),
     },
+    "arms": Field("list[str]", choices=ARMS),
     "crmse": {
         "lam": _nonneg("float"),
-        "n_chains": Field("int", 1),
-        "steps_per_iter": Field("int", 1),
-        "temperature": TEMPERATURE,
-        "dt": _pos(),
-        "friction": _nonneg("float"),
-        "p_reset": _prob(),
         "iterations": Field("int", 1),
         "lr": _pos(),
         "batch_size": Field("int", 1),
         "rho_energy": _nonneg("float"),
         "rho_forces": _nonneg("float"),
-        "eval_every": Field("int", 1),
         "grad_clip": _pos(),
-        "max_gap": _pos(),
-        "max_energy_rise": _nonneg("float"),
-        "selection": Field("str", choices=SELECTION_RULES),
-        "select_after": _prob(),
-        "spurious_weight": Field("float", 1.0),
         "ema_decay": Field("float", 0.0, 0.9999),
-        "hole_memory": _nonneg(),
-        "hole_weight": _nonneg("float"),
-        "scout_chains": _nonneg(),
-        "scout_temperature_ratio": Field("float", 1.0),
-        "hole_projection": Field("bool"),
-        "energy_projection": Field("bool"),
-        "remember_blowups": Field("bool"),
+        "chains": {
+            "n": Field("int", 1),
+            "steps_per_iter": Field("int", 1),
+            "temperature": TEMPERATURE,
+            "dt": _pos(),
+            "friction": _nonneg("float"),
+            "p_reset": _prob(),
+        },
+        "selection": {
+            "rule": Field("str", choices=SELECTION_RULES),
+            "every": Field("int", 1),
+            "after": _prob(),
+            "max_gap": _pos(),
+            "max_energy_rise": _nonneg("float"),
+        },
+    },
+    "crmse_memory": {
+        "slots": Field("int", 1),
+        "weight": _nonneg("float"),
+        "scouts": {
+            "n": _nonneg(),
+            "temperature_ratio": Field("float", 1.0),
+        },
+        "projection": Field("str", choices=PROJECTIONS),
     },
     "md": {
-        "temperature": TEMPERATURE,
-        "ablation_temperatures": Field("list0[float]", 0, 100000, lo_open=True),
+        "temperatures": Field("list[temperature]", 0, 100000, lo_open=True),
         "auto_temperature_frames": Field("int", 2),
+        "auto_temperature_bounds": Field("list[float]", 0, lo_open=True),
         "dt": _pos(),
         "friction": _nonneg("float"),
         "n_replicas": Field("int", 1),
@@ -178,13 +186,15 @@ def _check(key: str, value: Any, field: Field) -> Any:
         return ParamsError(f"params: {key} = {value!r} is invalid{why}; allowed: {field.describe()}")
 
     kind = field.kind
-    if kind.startswith("list[") or kind.startswith("list0["):
-        inner = Field(kind[kind.index("[") + 1 : -1], field.lo, field.hi, field.choices, field.lo_open)
-        if not isinstance(value, list) or (not value and kind.startswith("list[")):
-            raise fail("expected a non-empty list" if kind.startswith("list[") else "expected a list")
+    if kind.startswith("list["):
+        inner = Field(kind[5:-1], field.lo, field.hi, field.choices, field.lo_open)
+        if not isinstance(value, list) or not value:
+            raise fail("expected a non-empty list")
         if len(set(map(str, value))) != len(value):
             raise fail("duplicate entries")
-        return [_check(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        checked = [_check(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        # Temperature settings name output folders (T500, Tauto) as written, as dvc.yaml does: keep them raw.
+        return list(value) if inner.kind == "temperature" else checked
     if kind == "temperature" and value == "auto":
         return value
     if kind == "bool":
@@ -227,15 +237,28 @@ def _validate_sections(params: dict[str, Any], schema: dict[str, Any] = SCHEMA, 
             out[name] = _validate_sections(params[name], spec, key + ".")
         else:
             out[name] = _check(key, params[name], spec)
-    crmse = out.get("crmse") if not prefix else None
-    if crmse and crmse["hole_memory"] == 0:
-        feeders = (("scout_chains > 0", crmse["scout_chains"] > 0), ("remember_blowups", crmse["remember_blowups"]))
-        for what, feeds_memory in feeders:
-            if feeds_memory:
-                raise ParamsError(f"params: crmse.{what} needs crmse.hole_memory > 0 (it only feeds the memory)")
-    if crmse and crmse["energy_projection"] and not crmse["hole_projection"]:
-        raise ParamsError("params: crmse.energy_projection needs crmse.hole_projection (it is a second projection)")
+    if not prefix:
+        _check_across(out)
     return out
+
+
+def _check_across(p: dict[str, Any]) -> None:
+    """Rules between keys, checked before any stage runs (not hours into one)."""
+    md = p["md"]
+    bounds = md["auto_temperature_bounds"]
+    if len(bounds) != 2 or bounds[0] >= bounds[1]:
+        raise ParamsError(f"params: md.auto_temperature_bounds = {bounds} must be [low, high] K with low < high")
+    if md["trajectory_replica"] >= md["n_replicas"]:
+        raise ParamsError(f"params: md.trajectory_replica = {md['trajectory_replica']} must be < md.n_replicas "
+                          f"= {md['n_replicas']} (replicas are numbered from 0)")
+    steps = md["production_ps"] * 1000.0 / md["dt"]
+    if steps < md["save_every"]:
+        raise ParamsError(f"params: md.production_ps = {md['production_ps']} is {steps:.0f} steps of md.dt = "
+                          f"{md['dt']} fs, shorter than one save interval (md.save_every = {md['save_every']})")
+    c = p["crmse"]
+    if c["selection"]["every"] > c["iterations"]:
+        raise ParamsError(f"params: crmse.selection.every = {c['selection']['every']} exceeds crmse.iterations = "
+                          f"{c['iterations']}: no checkpoint would be validated before the end")
 
 
 def check_sizes(params: dict[str, Any], n_frames: dict[str, int]) -> None:
@@ -250,8 +273,8 @@ def check_sizes(params: dict[str, Any], n_frames: dict[str, int]) -> None:
                 )
 
 
-#: Top-level keys a per-molecule override cannot change (they define the pipeline's branches).
-PER_RUN_EXCLUDED = ("molecules", "train_sizes", "seeds")
+#: Keys a per-molecule override cannot change (they define the pipeline's branches).
+PER_RUN_EXCLUDED = ("molecules", "train_sizes", "seeds", "arms", "md.temperatures")
 
 
 def _check_override(override: Any, schema: dict[str, Any], prefix: str) -> None:
@@ -263,6 +286,13 @@ def _check_override(override: Any, schema: dict[str, Any], prefix: str) -> None:
             raise ParamsError(f"params: unknown key {prefix}{key}; known keys here: {', '.join(schema)}")
         if isinstance(schema[key], dict):
             _check_override(value, schema[key], f"{prefix}{key}.")
+
+
+def _has_key(tree: dict[str, Any], dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return False
+    return not rest or (isinstance(tree[head], dict) and _has_key(tree[head], rest))
 
 
 def validate(params: dict[str, Any]) -> dict[str, Any]:
@@ -280,10 +310,13 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             raise ParamsError(f"params: per_molecule.{mol}: unknown molecule; allowed: {', '.join(ATOMIC_NUMBERS)}")
         override = override or {}
         _check_override(override, SCHEMA, f"per_molecule.{mol}.")
-        fixed = sorted(set(override) & set(PER_RUN_EXCLUDED))
+        fixed = sorted(k for k in PER_RUN_EXCLUDED if _has_key(override, k))
         if fixed:
             raise ParamsError(f"params: per_molecule.{mol}.{fixed[0]} cannot be set per molecule")
-        _validate_sections(deep_merge(base, override))
+        try:
+            _validate_sections(deep_merge(base, override))
+        except ParamsError as exc:
+            raise ParamsError(f"params: with per_molecule.{mol}: {str(exc).removeprefix('params: ')}") from None
     missing = [mol for mol in out["molecules"] if mol not in overrides]
     if missing:
         # dvc.yaml declares per_molecule.<molecule> as a parameter of every per-run stage.

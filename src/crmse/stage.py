@@ -1,26 +1,58 @@
-"""What every per-run stage script shares: its command line and the torch thread setting."""
+"""What every per-run stage script shares: its command line, its params and the torch thread setting."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
+from crmse.artifacts import ArtifactError, RunPaths
+from crmse.data import DataError
+from crmse.params import ParamsError, load_params
 
-def run_parser(description: str | None, ablation: bool = False) -> argparse.ArgumentParser:
+
+def run_parser(
+    description: str | None, temperature: bool = False, arms: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
     """Parser of a per-run stage: positional ``molecule``, ``size`` (training frames) and ``seed``.
 
-    ``ablation`` adds ``--temperature K``: sample/evaluate/report at an ablation temperature
-    (``md.ablation_temperatures``), in the run's ``T<K>`` sub-folder.
+    ``temperature`` adds a positional temperature setting (``auto`` or K, as written in md.temperatures);
+    ``arms`` adds a positional ``arm`` restricted to those arms.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("molecule")
     parser.add_argument("size", type=int)
     parser.add_argument("seed", type=int)
-    if ablation:
-        parser.add_argument("--temperature", default=None,
-                            help="ablation sampling temperature in K, as written in md.ablation_temperatures "
-                            "(default: md.temperature, main folders)")
+    if temperature:
+        parser.add_argument("temperature", help="temperature setting as written in md.temperatures: auto or K")
+    if arms:
+        parser.add_argument("arm", choices=arms, help="arm (" + ", ".join(arms) + ")")
     return parser
+
+
+def stage_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The validated params of the run's molecule; exits with the schema's message (no traceback) if invalid."""
+    try:
+        params = load_params(molecule=args.molecule)
+    except ParamsError as exc:
+        sys.exit(f"error: {exc}")
+    return params
+
+
+@contextlib.contextmanager
+def input_errors(stage: str) -> Iterator[None]:
+    """Exit with the message, not a traceback, when an input is missing, corrupt or of other atoms."""
+    try:
+        yield
+    except (ArtifactError, DataError) as exc:
+        sys.exit(f"{stage}: error: {exc}")
+
+
+def run_paths(args: argparse.Namespace) -> RunPaths:
+    """Every path of the run named on the command line."""
+    return RunPaths(args.molecule, args.size, args.seed)
 
 
 def set_torch_threads(params: dict[str, Any]) -> None:
@@ -29,3 +61,4 @@ def set_torch_threads(params: dict[str, Any]) -> None:
         import torch
 
         torch.set_num_threads(params["torch_threads"])
+

@@ -1,4 +1,4 @@
-"""Configurational temperature (DESIGN.md §3): k_B T_conf = ⟨|∇E|²⟩ / ⟨∇²E⟩.
+"""Configurational temperature (docs/method.md §6): k_B T_conf = ⟨|∇E|²⟩ / ⟨∇²E⟩.
 
 The Laplacian ∇²E is the trace of the model's Hessian, computed exactly by one
 double-backward pass per Cartesian coordinate (3n ≤ 63 passes for MD17 molecules),
@@ -18,6 +18,29 @@ from torch import Tensor
 from crmse.units import KB
 
 EnergyFn = Callable[[Tensor], Tensor]
+
+#: Plausible range (K) of an ``auto`` temperature: MD17 is nominally a 500 K trajectory and every
+#: recorded ``auto`` value (ethanol and aspirin, n_train 50–1000, 400 pool frames) lies in 551–676 K,
+#: ~15 K sampling error (benchmarks/README.md). A factor of 2 around 500 K keeps ≥ 300 K of margin
+#: above them and flags a broken Laplacian, e.g. an undertrained model's 4009 K (issue 31).
+AUTO_TEMPERATURE_RANGE_K = (250.0, 1000.0)
+
+
+class ImplausibleTemperatureError(ValueError):
+    """An ``auto`` temperature outside :data:`AUTO_TEMPERATURE_RANGE_K`: the model's Laplacian is not trustworthy."""
+
+
+def check_auto_temperature(T: float, n_frames: int, bounds: tuple[float, float] | None = None) -> float:
+    """``T`` (K) if it lies within ``bounds`` (default :data:`AUTO_TEMPERATURE_RANGE_K`), else a clear error."""
+    lo, hi = AUTO_TEMPERATURE_RANGE_K if bounds is None else bounds
+    if not lo <= T <= hi:
+        raise ImplausibleTemperatureError(
+            f"the auto temperature is {T:.4g} K (T_conf of {n_frames} frames: their DFT forces over this model's "
+            f"Laplacian), outside the plausible {lo:g}–{hi:g} K for MD17 (nominally 500 K, measured 550–680 K). "
+            "Likely an undertrained model (raise mse.max_steps / mse.max_epochs) or a broken Laplacian; "
+            "or sample at a fixed temperature in K instead of auto"
+        )
+    return T
 
 
 def laplacian(energy_fn: EnergyFn, R: Tensor, return_forces: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -115,18 +138,32 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def resolve_temperature(
-    value: float | str, model: Any, frames: Any, batch_size: int = 64, progress: bool = False
+    value: float | str,
+    model: Any,
+    frames: Any,
+    batch_size: int = 64,
+    progress: bool = False,
+    bounds: tuple[float, float] | None = None,
 ) -> float:
     """Temperature in K: a number as is, or ``"auto"`` = T_conf of ``frames`` (e.g. the validation split).
 
     ``auto`` = ⟨|F_DFT|²⟩ / (k_B ⟨∇²E_θ⟩) over ``frames`` (a :class:`crmse.data.Frames`), the
-    Laplacian from ``model.energy`` (DESIGN.md §3: ≈ 645 K for MD17 ethanol, not the nominal 500 K).
+    Laplacian from ``model.energy`` (docs/method.md §8–9: ≈ 654 K for MD17 ethanol, not the nominal 500 K);
+    outside ``bounds`` (default :data:`AUTO_TEMPERATURE_RANGE_K`) it is an :class:`ImplausibleTemperatureError`.
     """
     if isinstance(value, str):
         if value != "auto":
             raise ValueError(f"temperature must be a number of K or 'auto', got {value!r}")
         device, dtype = _model_device_dtype(model)
-        return frames_temperature(_model_energy_fn(model), frames.R, frames.F, batch_size, device, dtype, progress)
+        try:
+            T = frames_temperature(_model_energy_fn(model), frames.R, frames.F, batch_size, device, dtype, progress)
+        except ValueError as exc:  # a non-positive or non-finite Laplacian: same likely causes
+            raise ImplausibleTemperatureError(
+                f"the auto temperature of {len(frames.R)} frames is undefined: {exc}. Likely an undertrained "
+                "model (raise mse.max_steps / mse.max_epochs) or a broken Laplacian; or sample at a fixed "
+                "temperature in K instead of auto"
+            ) from None
+        return check_auto_temperature(T, len(frames.R), bounds)
     if isinstance(value, bool) or not isinstance(value, int | float) or not (np.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a positive number of K or 'auto', got {value!r}")
     return float(value)

@@ -32,7 +32,7 @@ from crmse.model import Potential, build_model, export_schnetpack, resolve_devic
 from crmse.observables import evenly_spaced
 from crmse.temperature import resolve_temperature
 
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_energy_mae", "val_force_mae", "wall_s")
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_energy_mae", "val_force_mae")  # wall_s: mse_timing.json
 
 
 class TrainingError(RuntimeError):
@@ -315,16 +315,15 @@ def pretrain(
     model = build_model(sets["train"].z, params["model"], sets["train"]).to(device)
     result = train_mse(model, sets["train"], sets["val"], params["mse"], seed, progress)
     errors = {name: evaluate_errors(model, sets[name], progress=progress) for name in ("val", "test")}
-    # md.temperature / crmse.temperature = auto: the temperature of the data set, T_conf of evenly spaced
-    # reference-pool frames (DFT forces, this model's Laplacian), computed once here so both models of a
-    # run share one temperature. The pool, not the 200 validation frames: on ethanol n200 (3 seeds) the
-    # validation frames gave 642/606/644 K where 400 pool frames gave 674/650/669 K and the training
-    # frames 673/663/668 K. It is one number describing the data set (MD17's thermostat is nominally
-    # 500 K, which the frames are not); nothing of the model is fitted to the pool.
+    # auto temperature settings: the temperature of the data set, T_conf of evenly spaced reference-pool
+    # frames (DFT forces, this model's Laplacian), computed once here so every arm of a run shares one
+    # temperature. The pool, not the few validation frames, whose estimate scatters by tens of K
+    # (docs/method.md §8); nothing of the model is fitted to the pool.
     pool = sets["reference"].subset(evenly_spaced(len(sets["reference"]), int(params["md"]["auto_temperature_frames"])))
-    t_pool = resolve_temperature("auto", model, pool)
-    t_train = resolve_temperature("auto", model, sets["train"])
-    t_val = resolve_temperature("auto", model, sets["val"])
+    bounds = tuple(params["md"]["auto_temperature_bounds"])
+    t_pool = resolve_temperature("auto", model, pool, bounds=bounds)
+    t_train = resolve_temperature("auto", model, sets["train"], bounds=bounds)
+    t_val = resolve_temperature("auto", model, sets["val"], bounds=bounds)
     metrics = {
         "molecule": molecule,
         "n_train": len(sets["train"]),
@@ -337,8 +336,6 @@ def pretrain(
         "best_val_loss": result.best_val_loss,
         "energy_offset_shift": result.energy_offset_shift,
         "stop_reason": result.stop_reason,
-        "wall_s": result.wall_s,
-        "train_frames_per_s": result.frames_per_s,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "n_params": model.n_parameters(),
@@ -354,6 +351,11 @@ def pretrain(
     meta.update(mse=params["mse"], val=errors["val"])
     save_checkpoint(model, out / "mse.pt", meta)
     export_schnetpack(model, out / "mse_spk.pt")
+    # Wall times vary from run to run: they go to mse_timing.json, on which no stage depends, so that an
+    # identical rerun leaves every dependency downstream byte-identical.
+    timing = {"wall_s": result.wall_s, "train_frames_per_s": result.frames_per_s,
+              "epoch_wall_s": [row["wall_s"] for row in result.history]}
+    write_json(out / "mse_timing.json", timing)
     write_log_csv(out / "mse_log.csv", result.history)
     write_json(out / "mse_metrics.json", metrics)
-    return metrics
+    return {**metrics, **timing}
