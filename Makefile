@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY := PASSIVE
 SPK_DEPS := "numpy>=2,<2.5" "sympy>=1.13" ase h5py pyyaml "hydra-core>=1.1" "pytorch_lightning>=2" \
 	torchmetrics hydra-colorlog rich fasteners dirsync torch-ema "matscipy>=1.1" tqdm progressbar petname vesin
 
-.PHONY: install repro repro-paper test lint preset bench clean-venv
+.PHONY: install repro repro-paper test lint preset bench clean-venv results check-readme check-results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,19 @@ preset: $(STAMP)
 repro-paper: $(STAMP)
 	python -m crmse.presets paper
 	dvc repro
+
+# README's result tables, generated from the committed metrics (between <!-- results:start/end --> markers).
+# check-readme fails, printing a diff, when README's block differs from what `make results` would write.
+results: $(STAMP)
+	python -m crmse.results write
+
+check-readme: $(STAMP)
+	python -m crmse.results check
+
+# Freshness: fails when the committed dvc.lock does not match the code or params at HEAD for a stage behind
+# the tables (data, models and samples absent from a clone are not a failure). Runs `dvc status`; not in CI.
+check-results: $(STAMP)
+	python -m crmse.results fresh
 
 bench: $(STAMP)
 	python benchmarks/train_throughput.py
