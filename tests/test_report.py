@@ -35,8 +35,9 @@ from crmse.holes import HoleTerm
 from crmse.io import read_json, write_json
 from crmse.molecules import TORSIONS
 from crmse.report import display
-from crmse.report.index_figures import AXES_NOTE
+from crmse.report.index_figures import AXES_NOTE, clear_corner
 from crmse.report.run import audit_errors
+from crmse.report.style import new_figure, relative_change
 
 REPO = Path(__file__).resolve().parents[1]
 MOL, SIZE, SEED = "ethanol", 20, 0
@@ -362,6 +363,26 @@ def test_figures_tolerate_missing_arms_dead_arms_and_no_audit(tmp_path):
     assert report.fig_chains(only_mse) is None and len(report.fig_training(only_mse).axes) == 3
 
 
+def test_overview_shows_occupancy_over_time_and_energies_with_equal_curves_visible(tmp_path):
+    write_fake_run(tmp_path, arms=("mse", "crmse", "crmse_memory"), dead=("crmse_memory",))
+    run = report.load_run(tmp_path, MOL, SIZE, SEED, "auto", params())
+    fig = report.fig_overview(run)
+    entry, energy = fig.axes
+    assert "occupancy over time" in entry.get_title()
+    labels = _line_labels(entry)
+    assert labels[0] == "MSE: 1/4 replicas entered; 17 % of frames" and labels[1].startswith("CRMSE: 0/4")
+    assert labels[2] == "CRMSE + memory: 0/4 replicas entered; no valid frame"
+    # CRMSE and CRMSE + memory coincide (no entry): each next arm is drawn narrower on top, so both show
+    widths = [line.get_linewidth() for line in entry.get_lines()]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3
+    assert "CRMSE + memory: no valid frame" in _line_labels(energy)  # named, though it has no samples
+    widths = [line.get_linewidth() for line in energy.get_lines()[1:]]  # the arms, after the DFT reference
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3
+    fig.draw_without_rendering()
+    for ax in (entry, energy):  # legends below the axes, not over the curves
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables on a 1300 px page
 
@@ -375,6 +396,20 @@ def test_wide_tables_are_split_and_cells_wrap():
     assert page.count("<table") == 3 and 'id="wide-2"' in page and 'id="wide-3"' in page
     assert "white-space:normal" in page and f"max-width:{display.PAGE_WIDTH_PX - 60}px" in page
     assert display.table_html(df.iloc[:, :5], "narrow").count("<table") == 1
+    # 13 columns, 3 keys: two parts of equal width, not 12 columns and a stub
+    parts = display.split_columns(df.iloc[:, :13], ["c0", "c1", "c2"])
+    assert [len(p.columns) for p in parts] == [8, 8]
+    # cells wrap between words, never inside one ("n_tra / in") nor inside "mean ± sd" or "500 K"
+    page = display.table_html(pd.DataFrame({"n_train": [20], "T": ["500 K"], "W1": ["1.00 ± 0.05"]}), "pm")
+    assert "overflow-wrap:anywhere" not in page and "overflow-wrap:break-word" in page
+    assert "1.00\u00a0±\u00a00.05" in page and "1.00 ± 0.05" not in page and "500\u00a0K" in page
+
+
+def test_relative_change_and_zero_without_a_sign():
+    assert relative_change(1.05, 1.0) == "+5.0 %" and relative_change(0.9, 1.0) == "-10.0 %"
+    assert relative_change(1.0001, 1.0) == "±0.0 %"  # not "-0.0 %" or "+0.0 %"
+    assert relative_change(1.0, 0.0) == "" and relative_change(float("nan"), 1.0) == ""
+    assert report.fmt(-0.0, 1) == "0.0" and report.fmt(-0.001, 2) == "0.00" and report.fmt(-0.5, 1) == "-0.5"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,6 +444,7 @@ def test_index_discovers_declared_reports_and_tabulates_every_arm(tmp_path):
     assert all(len(re.findall(r"<th[ >]", t)) <= display.MAX_COLUMNS for t in page.split("<table")[1:])
     text = report.index_paragraph(df)
     assert "2 reports" in text and "detector-defined" in text and "energy W1 (independent)" in text
+    assert text.count("\n- ") == 1  # one bullet per setting (molecule, temperature, size)
 
 
 def test_index_compares_arms_at_one_size_and_sweeps_several(tmp_path):
@@ -445,6 +481,57 @@ def test_index_compares_arms_at_one_size_and_sweeps_several(tmp_path):
     assert keys[-1].temperature == "500" and keys[-1].report_html.endswith("/T500.html")
     figs = report.index_figures(report.collect_runs(tmp_path / "three", keys))
     assert [k for k, _, _ in figs] == [f"sweep-{MOL}-Tauto", f"arms-{MOL}-T500"]
+
+
+def _gaps(fig: Figure) -> list[float]:
+    """Horizontal gaps (px) between the tight boxes (tick labels included) of neighbouring panels in a row."""
+    fig.draw_without_rendering()
+    boxes = [ax.get_tightbbox() for ax in fig.axes if ax.axison and ax.get_visible()]
+    gaps = []
+    for a in boxes:
+        right = [b for b in boxes if b.x0 > a.x0 and b.y0 < a.y1 and a.y0 < b.y1]
+        if right:
+            gaps.append(min(b.x0 for b in right) - a.x1)
+    return gaps
+
+
+def test_index_figures_name_references_inside_panels_and_keep_panels_apart(tmp_path):
+    df = report.collect_runs(tmp_path / "one",
+                             report.discover_runs(tmp_path / "one", _index_project(tmp_path / "one", (SIZE,))))
+    fig = report.fig_arms(df, MOL, "auto")
+    panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.axison}
+    texts = {name: [t.get_text() for t in ax.texts] for name, ax in panels.items()}
+    assert "noise floor" in texts["energy W1"] and "chem. accuracy" in texts["test energy MAE"]
+    assert "DFT: all stable" in texts["bond-stable replicas"] and "pool T_conf" in texts["T_conf of the samples"]
+    assert "-4.9 %" in texts["test energy MAE"]  # CRMSE vs MSE, 0.39 vs 0.41 kcal/mol
+    assert not any("%" in t for t in texts["bond-stable replicas"])  # fractions read off their 0–1 axis
+    (legend,) = fig.legends  # the arms only: the reference lines are named where they are drawn
+    assert [t.get_text() for t in legend.get_texts()] == ["MSE", "CRMSE", "CRMSE + memory"]
+    assert min(_gaps(fig)) >= 12  # tick labels of neighbouring panels never run together ("1.00.0")
+
+    sizes = (20, 50, 200)
+    df3 = report.collect_runs(tmp_path / "three",
+                              report.discover_runs(tmp_path / "three", _index_project(tmp_path / "three", sizes)))
+    fig = report.fig_sweep(df3, MOL, "auto")
+    panels = {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.axison}
+    w1 = panels["energy W1"]
+    assert "noise floor" in [t.get_text() for t in w1.texts]
+    first_x = [c.lines[0].get_xdata()[0] for c in w1.containers]  # one errorbar per arm
+    assert len(set(first_x)) == 3 and all(abs(x / 20 - 1) < 0.05 for x in first_x)  # side by side at n = 20
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["MSE", "CRMSE", "CRMSE + memory"]
+    assert min(_gaps(fig)) >= 12
+
+
+def test_clear_corner_names_a_line_where_there_is_no_data():
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 1)
+    assert clear_corner(ax, (0.5, 0.5), []) == ("right", "above")
+    assert clear_corner(ax, (0.5, 0.5), [([0, 10], [0.55, 0.55])]) == ("right", "below")  # a curve just above
+    crowded_right = [([9.5], [0.55]), ([9.5], [0.45])]
+    assert clear_corner(ax, (0.5, 0.5), crowded_right) == ("left", "above")
+    assert clear_corner(ax, (0.97, 0.97), [])[1] == "below"  # no room above a line at the top
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from crmse.artifacts import ArtifactError, RunPaths, resolve_temperature, temper
 from crmse.io import read_json
 from crmse.molecules import TORSIONS
 from crmse.params import ParamsError, load_params
+from crmse.report.style import fmt, fmt_pm, num
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
@@ -110,7 +111,7 @@ def _random_audit_sd(path: Path, arm: str) -> float | None:
         for row in csv.DictReader(fh):
             if (row.get("model") == arm and row.get("kind") == "random" and row.get("status") == "ok"
                     and str(row.get("spurious")).lower() not in ("true", "1")):
-                value = _num(row.get("model_minus_dft"))
+                value = num(row.get("model_minus_dft"))
                 if value is not None:
                     errs.append(abs(value))
     if len(errs) < 2:
@@ -153,39 +154,9 @@ def collect(params: Mapping[str, Any], root: str | Path = ".") -> list[RunResult
 # Formatting
 
 
-def _num(x: Any) -> float | None:
-    """``x`` as a finite float; None for None, NaN, ±inf, booleans and non-numbers."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _decimals(x: float, digits: int = 3) -> int:
-    """``digits`` decimals below 10, one below 100, none above (as the reports show numbers)."""
-    return digits if abs(x) < 10 else max(digits - 2, 1) if abs(x) < 100 else 0
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number as the tables show it; '—' when undefined."""
-    v = _num(x)
-    return DASH if v is None else f"{v:.{_decimals(v, digits)}f}"
-
-
-def fmt_pm(mean: Any, sd: Any, digits: int = 3) -> str:
-    """'mean ± sd', the sd at the mean's decimals; the mean alone when sd is undefined."""
-    m, s = _num(mean), _num(sd)
-    if m is None:
-        return DASH
-    return fmt(m, digits) + ("" if s is None else f" ± {s:.{_decimals(m, digits)}f}")
-
-
 def fmt_count(fraction: Any, n: Any) -> str:
     """A fraction of ``n`` replicas as 'k/n' (k = round(fraction × n)); '—' when undefined."""
-    f, m = _num(fraction), _num(n)
+    f, m = num(fraction), num(n)
     if f is None or m is None:
         return DASH
     return f"{round(f * m)}/{int(m)}"
@@ -200,7 +171,7 @@ def _audit_cell(audit: Mapping[str, Any] | None, arm: str, sd: float | None) -> 
     models = audit.get("models") or {}
     rnd = (models.get(arm) or {}).get("random") or {}
     n = int(rnd.get("n") or 0) - int(rnd.get("n_failed") or 0)
-    if _num(rnd.get("energy_mae")) is None or n < 1:
+    if num(rnd.get("energy_mae")) is None or n < 1:
         return DASH
     return f"{fmt_pm(rnd['energy_mae'], sd)} (n={n})"
 
@@ -209,7 +180,7 @@ def _audit_floor(audits: Mapping[str, Mapping[str, Any] | None]) -> str:
     """|label − aligned DFT| (kcal/mol) on the pool frames that fix the audit's offset: the audit's floor."""
     for audit in audits.values():
         off = (audit or {}).get("offset") or {}
-        if _num(off.get("label_energy_mae")) is not None:
+        if num(off.get("label_energy_mae")) is not None:
             return f"{fmt(off['label_energy_mae'])} (n={off.get('n', '?')})"
     return DASH
 

@@ -1,7 +1,8 @@
 """Putting figures and tables on the page: embedded PNG figures with captions, tables that fit 1300 px.
 
 A report page is read at :data:`PAGE_WIDTH_PX`: figures are at most 13 in wide at 100 dpi, table cells
-wrap, and a table with more than :data:`MAX_COLUMNS` columns is split into several (:func:`split_columns`).
+wrap between words (never inside one, and never inside "mean ± sd"), and a table with more than
+:data:`MAX_COLUMNS` columns is split into parts of about equal width (:func:`split_columns`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -20,11 +23,16 @@ PAGE_WIDTH_PX = 1300
 #: Most columns of one table on the page; wider tables are split, their key columns repeated.
 MAX_COLUMNS = 12
 TABLE_CLASS = "crmse-table"
+#: " ± " in table cells is bound with no-break spaces, so a cell wraps around "mean ± sd", not inside it;
+#: so is the space between a number and its unit ("500 K").
+PM_NOBREAK = "\u00a0±\u00a0"
+UNIT_SPACE = re.compile(r"(?<=\d) (?=(?:K|ps|fs|Å)\b)")
 TABLE_CSS = (
     f"<style>table.{TABLE_CLASS}{{border-collapse:collapse;font-size:0.9em;max-width:{PAGE_WIDTH_PX - 60}px;"
     "table-layout:auto}"
     f"table.{TABLE_CLASS} th,table.{TABLE_CLASS} td{{padding:3px 8px;border-bottom:1px solid #ddd;"
-    "text-align:right;white-space:normal;overflow-wrap:anywhere;vertical-align:top}"
+    "text-align:right;white-space:normal;overflow-wrap:break-word;word-break:normal;hyphens:manual;"
+    "vertical-align:top}"
     f"table.{TABLE_CLASS} th{{max-width:11em}}"
     f"table.{TABLE_CLASS} td:first-child,table.{TABLE_CLASS} th:first-child{{text-align:left;max-width:22em}}"
     "</style>"
@@ -51,16 +59,18 @@ def figure_html(fig: Figure, key: str, caption: str) -> str:
 
 def split_columns(df: pd.DataFrame, keys: Sequence[str], max_columns: int = MAX_COLUMNS) -> list[pd.DataFrame]:
     """``df`` as tables of at most ``max_columns`` columns each, every one starting with the ``keys`` columns."""
-    keys = [k for k in keys if k in df.columns]
-    rest = [c for c in df.columns if c not in keys]
-    per = max(max_columns - len(keys), 1)
     if len(df.columns) <= max_columns:
         return [df]
+    keys = [k for k in keys if k in df.columns]
+    rest = [c for c in df.columns if c not in keys]
+    parts = math.ceil(len(rest) / max(max_columns - len(keys), 1))
+    per = math.ceil(len(rest) / parts)  # parts of about equal width, not a full one and a stub
     return [df[keys + rest[i : i + per]] for i in range(0, len(rest), per)]
 
 
 def table_html(df: pd.DataFrame, table_id: str, escape: bool = True, keys: Sequence[str] = ()) -> str:
     """HTML of ``df`` in wrapping cells, split by :func:`split_columns` (parts ``<id>``, ``<id>-2``, …)."""
+    df = df.map(lambda v: UNIT_SPACE.sub("\u00a0", v.replace(" ± ", PM_NOBREAK)) if isinstance(v, str) else v)
     parts = split_columns(df, keys or df.columns[:1].tolist())
     out = [TABLE_CSS]
     for k, part in enumerate(parts):

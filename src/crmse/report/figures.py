@@ -42,38 +42,59 @@ def entered_curve(run: RunData, arm: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def draw_energy(ax, run: RunData) -> None:
-    """Energy distributions of the reference pool and every arm's samples on ``ax``."""
+    """Energy distributions of the reference pool and every arm's samples on ``ax`` (legend below the axes).
+
+    An arm without samples (no frame before bond instability) is named in the legend, drawn as nothing. Arms
+    are drawn from widest (first) to narrowest, so equal distributions stay visible.
+    """
     for s in ("reference", *run.arms):
         df = run.curve(s, "energy")
-        if df is None:
-            continue
-        x, y = df["energy_rel_kcal_mol"].to_numpy(), df["density"].to_numpy()
+        lw = 2.0 if s == "reference" else 1.6 + 1.2 * (len(run.arms) - 1 - run.arms.index(s))  # equal curves show
         if s == "reference":
+            if df is None:
+                continue
+            x, y = df["energy_rel_kcal_mol"].to_numpy(), df["density"].to_numpy()
             ax.fill_between(x, y, step="mid", color=COLORS["reference"], alpha=0.18)
             name = f"{label(s)} ({run.reference.get('n_frames')} frames)"
+            ax.step(x, y, where="mid", color=color(s), lw=2, label=name)
+        elif df is None:
+            ax.plot([], [], color=color(s), lw=lw, label=f"{label(s)}: no valid frame")
         else:
-            name = f"{label(s)}: W1 {fmt(run.rows[s].get('energy_w1'), 2)}"
-        ax.step(x, y, where="mid", color=color(s), lw=2, label=name)
+            ax.step(df["energy_rel_kcal_mol"].to_numpy(), df["density"].to_numpy(), where="mid", color=color(s), lw=lw,
+                    label=f"{label(s)}: W1 {fmt(run.rows[s].get('energy_w1'), 2)}")
     nf = run.noise_floor
     ax.set_xlabel("E − ⟨E_DFT⟩ of the reference pool (kcal/mol)")
     ax.set_ylabel("density (mol/kcal)")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"Energy distributions (noise floor W1 {fmt(nf.get('energy_w1'), 2)} kcal/mol)")
-    legend(ax, loc="upper right", fontsize=8.5)
+    legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=9)
 
 
 def fig_overview(run: RunData) -> Figure:
-    """The page's opening figure: spurious-state entry over time per arm, and the energy distributions."""
-    fig, axes = new_figure(1, 2, 13, 4.4)
+    """The page's opening figure: spurious-state occupancy over time per arm, and the energy distributions.
+
+    Left: the fraction of each arm's replicas that have entered a spurious state by time t; the legend gives
+    the count and the fraction of frames spent in spurious states. Arms with equal curves stay visible: the
+    first arm is drawn widest, each next one narrower on top.
+    """
+    fig, axes = new_figure(1, 2, 13, 5.0)
     ax = axes[0, 0]
-    for a in run.arms:
+    n_arms = len(run.arms)
+    for i, a in enumerate(run.arms):
         t, frac = entered_curve(run, a)
         n, k = run.n_replicas(a), int(np.isfinite(run.replicas[a]["first_spurious_ps"].to_numpy(float)).sum())
-        ax.step(t, frac, where="post", color=color(a), lw=2.2, label=f"{label(a)}: {k}/{n} replicas")
+        frames = num(run.rows[a].get("spurious_frame_fraction"))
+        occ = f"; {100 * frames:.0f} % of frames" if frames is not None else ""
+        if num(run.rows[a].get("n_valid_frames")) == 0:  # a fraction of no frames says nothing
+            occ = "; no valid frame"
+        ax.step(t, frac, where="post", color=color(a), lw=1.8 + 1.6 * (n_arms - 1 - i),
+                label=f"{label(a)}: {k}/{n} replicas entered{occ}")
     ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(left=0)
     ax.set_xlabel("simulation time t (ps)")
     ax.set_ylabel("fraction of replicas that entered")
-    ax.set_title("Entry into spurious states (training-time detector)")
-    legend(ax, loc="upper left")
+    ax.set_title("Spurious-state occupancy over time (training-time detector)")
+    legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, fontsize=9)
     draw_energy(axes[0, 1], run)
     return fig
 
@@ -103,7 +124,8 @@ def fig_temperatures(run: RunData) -> Figure:
     x_lo, x_hi = lo - pad, hi + 2.5 * pad
     for i, ((_, _, src), v) in enumerate(zip(items, vals, strict=True)):
         if v is None:
-            ax.text(0.01, i, "undefined", transform=ax.get_yaxis_transform(), va="center", color=FLOOR_COLOR)
+            ax.text(0.01, i, "undefined", transform=ax.get_yaxis_transform(), va="center", color=FLOOR_COLOR,
+                    bbox={"fc": "white", "ec": "none", "pad": 1})
             continue
         x = min(max(v, x_lo + 0.2 * pad), x_hi - 2.2 * pad)
         off = x != v
@@ -149,7 +171,7 @@ def fig_spurious(run: RunData) -> Figure:
     _strip(ax, run, "lowest_energy_rel_dft_min")
     thr = num(ref.get("spurious_energy_threshold_rel_dft_min"))
     if thr is not None:
-        ax.axhline(thr, color=THRESHOLD_COLOR, ls="--", lw=1.5, label=f"spurious below {thr:.1f}")
+        ax.axhline(thr, color=THRESHOLD_COLOR, ls="--", lw=1.5, label=f"spurious below {fmt(thr, 1)}")
     ax.axhline(0, color=COLORS["reference"], lw=1, label="lowest DFT energy of the pool")
     low = np.concatenate([run.replicas[a]["lowest_energy_rel_dft_min"].to_numpy(float) for a in run.arms])
     low = low[np.isfinite(low)]

@@ -221,7 +221,8 @@ def sources(df: pd.DataFrame) -> list[str]:
 
 
 def index_paragraph(df: pd.DataFrame) -> str:
-    """Generated: how many reports, and per setting the detector's count next to independent evidence."""
+    """Generated Markdown: how many reports, then one bullet per setting with the detector's count next to
+    independent evidence."""
     if df.empty:
         return "No evaluated runs were found below metrics/."
     n = df.groupby(["rel", "temperature"]).ngroups
@@ -238,6 +239,6 @@ def index_paragraph(df: pd.DataFrame) -> str:
             bits.append(f"energy W1 (independent) {listing('energy_w1', 2)} kcal/mol")
         if "audit_random_mae" in d and d["audit_random_mae"].notna().any():
             bits.append(f"DFT audit |ΔE| on random frames (independent) {listing('audit_random_mae', 2)} kcal/mol")
-        parts.append(f"{mol}, T = {temperature_text(T)}, n_train = {size} (mean over {seeds} "
+        parts.append(f"**{mol}, T = {temperature_text(T)}, n_train = {size}** (mean over {seeds} "
                      f"seed{'s' if seeds != 1 else ''}): " + "; ".join(bits) + ".")
-    return " ".join(parts)
+    return parts[0] + "\n\n" + "\n".join(f"- {p}" for p in parts[1:])

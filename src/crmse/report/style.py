@@ -105,6 +105,8 @@ def fmt(x: Any, digits: int = 3, unit: str = "") -> str:
         if v is None:
             return "—"
         s = f"{v:.{decimals(v, digits)}f}"
+        if s.startswith("-") and not s.strip("-0."):  # -0.0 reads as a sign that is not there
+            s = s[1:]
     return f"{s} {unit}".strip()
 
 
@@ -120,3 +122,11 @@ def count(fraction: Any, n: int) -> int | None:
     """A fraction of ``n`` replicas as a count (None when undefined)."""
     f = num(fraction)
     return None if f is None else int(round(f * n))
+
+
+def relative_change(value: float, base: float) -> str:
+    """'+4.9 %' for the change of ``value`` from ``base``; '±0.0 %' when it rounds to zero; '' when undefined."""
+    if not (math.isfinite(value) and math.isfinite(base)) or base == 0:
+        return ""
+    pct = 100.0 * (value - base) / abs(base)
+    return "±0.0 %" if abs(pct) < 0.05 else f"{pct:+.1f} %"

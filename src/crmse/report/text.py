@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from crmse.report.run import RunData, audit_errors, audit_model, audited
-from crmse.report.style import CHEMICAL_ACCURACY, NOMINAL_MD17_K, count, fmt, fmt_pm, label, num
+from crmse.report.style import CHEMICAL_ACCURACY, NOMINAL_MD17_K, count, fmt, fmt_pm, label, num, relative_change
 
 #: What each arm is, in one phrase (see docs/method.md).
 ARM_DESCRIPTIONS = {
@@ -67,7 +67,7 @@ def _occupancy_sentences(run: RunData) -> list[str]:
     M = {a: run.n_replicas(a) for a in run.arms}
     k = {a: count(run.rows[a].get("spurious_replica_fraction"), M[a]) for a in run.arms}
     t_ps = num(run.rows[run.arms[0]].get("trajectory_ps"))
-    span = f" over {fmt(t_ps, 1)} ps" if t_ps else ""
+    span = f" over {t_ps:g} ps" if t_ps else ""
     if any(v is None for v in k.values()):
         return [f"Spurious-state occupancy is undefined for {_names([a for a, v in k.items() if v is None])}."]
     if all(v == 0 for v in k.values()):
@@ -95,7 +95,7 @@ def _test_sentence(run: RunData) -> str | None:
         return None
     acc = [a for a, v in e.items() if v <= CHEMICAL_ACCURACY]
     within = ("every arm" if len(acc) == len(e) else f"only {_names(acc)}" if acc else "no arm")
-    forces = {a: fmt(v) + (f" ({100 * (v - f['mse']) / f['mse']:+.1f} % vs MSE)" if "mse" in f and a != "mse" else "")
+    forces = {a: fmt(v) + (f" ({relative_change(v, f['mse'])} vs MSE)" if "mse" in f and a != "mse" else "")
               for a, v in f.items()}
     return (f"Test energy MAE: {_listing({a: fmt(v) for a, v in e.items()})} kcal/mol, {within} within chemical "
             f"accuracy (≤ {CHEMICAL_ACCURACY:g} kcal/mol); test force MAE: {_listing(forces)} kcal/mol/Å.")
@@ -156,7 +156,8 @@ def run_header(run: RunData) -> str:
                      f"{cm.get('selected_iteration', '?')} ({cm.get('selection', '')}), "
                      f"{fmt(num(cm.get('wall_s')), 0)} s on {cm.get('device', '?')}.")
     row = run.rows[run.arms[0]]
-    lines.append(f"* **Sampling:** {row.get('n_replicas', '?')} replicas × {fmt(num(row.get('trajectory_ps')), 1)} ps "
+    t_ps = num(row.get("trajectory_ps"))
+    lines.append(f"* **Sampling:** {row.get('n_replicas', '?')} replicas × {'—' if t_ps is None else f'{t_ps:g}'} ps "
                  f"per arm (after {fmt(num(md.get('equilibration_fs')), 0)} fs equilibration), BAOAB Langevin, dt = "
                  f"{fmt(num(md.get('dt')), 2)} fs, friction {fmt(num(md.get('friction')), 3)} 1/fs, T = "
                  f"{fmt(num(row.get('T_set')), 0)} K (setting: {run.temperature}).")
