@@ -65,31 +65,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from synthetic import write_synthetic_npz  # noqa: E402
+from test_pipeline_e2e import TINY as E2E_TINY  # noqa: E402
 
 PYTHON = sys.executable
 DVC = [PYTHON, "-m", "dvc"]
 
-# tests/test_pipeline_e2e.py's TINY, with the main temperature only.
-TINY: dict[str, Any] = {
-    "molecules": ["ethanol"],
-    "train_sizes": [30],
-    "seeds": [0],
-    "torch_threads": 1,
-    "split": {"n_val": 10, "n_test": 20},
-    "model": {"n_atom_basis": 8, "n_filters": 8, "n_interactions": 1, "n_rbf": 8},
-    "mse": {"max_epochs": 3, "max_steps": 1000, "max_minutes": 0.5},
-    "crmse": {"chains": {"n": 4, "steps_per_iter": 2, "temperature": 500}, "iterations": 6,
-              "selection": {"every": 3, "rule": "last"}},
-    "crmse_memory": {"scouts": {"n": 4}},
-    "md": {
-        "temperatures": ["auto"],
-        "auto_temperature_bounds": [1.0e-3, 1.0e12],
-        "n_replicas": 3, "equilibration_fs": 5, "production_ps": 0.02, "save_every": 2, "chunk_frames": 5,
-        "conf_temperature_frames": 8,
-    },
-    "evaluate": {"conf_temperature_frames": 8, "spurious_energy_margin": 0.0, "spurious_distance_margin": 0.0},
-    "audit": {"basis": "sto-3g", "n_reference": 2, "n_lowest": 1, "n_spurious": 0, "n_random": 1, "threads": 1},
-}
+# tests/test_pipeline_e2e.py's tiny pipeline, with the main temperature only.
+TINY: dict[str, Any] = {**E2E_TINY, "md": {**E2E_TINY["md"], "temperatures": ["auto"]}}
 
 KINDS = ("download", "split", "pretrain", "posttrain", "sample", "reference", "evaluate", "audit", "report",
          "report_index")
