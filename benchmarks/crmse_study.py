@@ -229,7 +229,7 @@ def main() -> None:
             skin = params["md"]["skin"]
             energy_forces = VerletPotential(model, skin=skin) if skin > 0 else model.energy_and_forces
             run_sampling(energy_forces, pool.z, pool.R, settings, s_dir, device=device, dtype=model.dtype,
-                         energy_fn=model.energy, meta={"label": f"s{seed} {name}"})
+                         energy_fn=model.energy, meta={"label": f"s{seed} {name}"}, timing_path=s_dir / "timing.json")
             entry.update(summarize(s_dir, mon, ref, args.molecule, ev, args.analyse_ps))
             entry["total_wall_s"] = time.perf_counter() - t0
             save_entry(out_path, record, entry)

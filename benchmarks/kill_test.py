@@ -21,9 +21,8 @@ tests/synthetic.py, a private DVC repository in a temporary folder), with ``md.t
    ``dvc status`` is clean and that no debris is left in the project, and compares the sha256 of every artifact of
    the rerun stages with A's.
 
-Compared artifacts: every file under data/, models/, results/, metrics/ and reports/ except the wall-time files
-(``*timing.json``) and hidden files. Reports are compared after blanking what changes on every execution (papermill's
-timestamps and durations, the random id of the injected-parameters cell; the control row prints what that was).
+Compared artifacts: every file under data/, models/, results/, metrics/ and reports/ (raw bytes) except hidden
+files; the wall-time records under timings/ are not artifacts.
 A row fails when the stage was not killed, the rerun fails, debris is left in the project after the rerun, or any
 compared file differs; differing files are explained field by field (JSON keys, CSV columns, npz arrays).
 
@@ -343,36 +342,15 @@ def reap(base: Path, grace: float = 15.0) -> list[str]:
     return [f"process {pid} outlived the kill ({fate[pid]}): {cmd}" for pid, cmd in seen.items()]
 
 
-# Report bytes that change on every execution: papermill's timestamps and durations, and the random id nbformat
-# gives the injected-parameters cell. Reports are compared with these blanked.
-CELL_ID = re.compile(r'(celltag_injected-parameters" id="cell-id=)[0-9a-zA-Z_-]+')
-
-
-def normalized_report(path: Path) -> bytes:
-    if path.suffix == ".html":
-        return CELL_ID.sub(r"\1-", path.read_text()).encode()
-    nb = json.loads(path.read_text())
-    for key in ("start_time", "end_time", "duration"):
-        nb.get("metadata", {}).get("papermill", {}).pop(key, None)
-    for cell in nb.get("cells", []):
-        cell.get("metadata", {}).pop("execution", None)
-        cell.get("metadata", {}).pop("papermill", None)
-        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
-            cell["id"] = "-"
-    return json.dumps(nb, sort_keys=True).encode()
-
-
 def artifact_hashes(p: Project) -> dict[str, str]:
-    """sha256 of every compared artifact (relative path -> hex): raw bytes, except reports (normalized)."""
+    """sha256 of every compared artifact (relative path -> hex)."""
     out: dict[str, str] = {}
     for root in OUTPUT_ROOTS:
         for path in sorted((p.root / root).rglob("*")):
             rel = path.relative_to(p.root)
-            if (not path.is_file() or path.name.endswith("timing.json") or path.name == ".gitignore"
-                    or any(part.startswith(".") for part in rel.parts)):
+            if not path.is_file() or path.name == ".gitignore" or any(part.startswith(".") for part in rel.parts):
                 continue
-            data = normalized_report(path) if root == "reports" else path.read_bytes()
-            out[str(rel)] = hashlib.sha256(data).hexdigest()
+            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
 
@@ -442,24 +420,6 @@ def compare(ref: Project, ref_hashes: dict[str, str], p: Project, only: list[str
     diffs += [explain(k, ref.root / k, p.root / k) for k in sorted(ref_hashes.keys() & got.keys())
               if ref_hashes[k] != got[k] and wanted(k)]
     return diffs
-
-
-def raw_report_differences(a: Project, b: Project) -> list[str]:
-    """Why the reports are compared normalized: where two uninterrupted runs' report bytes differ."""
-    notes = []
-    for path in sorted((a.root / "reports").rglob("*")):
-        rel = path.relative_to(a.root)
-        other = b.root / rel
-        if path.is_file() and other.is_file() and path.read_bytes() != other.read_bytes():
-            if path.suffix == ".html":
-                ids = [CELL_ID.search(x.read_text()) for x in (path, other)]
-                what = "injected-parameters cell id " + " -> ".join(m.group(0).rsplit("=", 1)[1] if m else "?"
-                                                                    for m in ids)
-                same = normalized_report(path) == normalized_report(other)
-                notes.append(f"{rel}: {what}{'' if same else ' and more'}")
-            else:
-                notes.append(f"{rel}: {explain(str(rel), path, other).text}")
-    return notes
 
 
 # ------------------------------------------------------------------------------------------------------ the test
@@ -587,9 +547,6 @@ def main(argv: list[str] | None = None) -> int:
         control.rerun_note = f"dvc repro exit {rb.rc}"
         if rb.rc != 0:
             print(rb.text[-3000:])
-        print("report bytes of two uninterrupted runs (compared normalized):", flush=True)
-        for n in raw_report_differences(a, b) or ["identical"]:
-            print(f"    {n}")
         control.diffs = compare(a, ref_hashes, b)
         control.after_rerun = debris(b)
         control.wall = time.monotonic() - t0

@@ -1,7 +1,8 @@
 """DVC stage `audit`: PySCF single points (PBE/def2-SVP) on frames one arm sampled at one temperature setting.
 
 Writes metrics/<run>/T<setting>/<arm>/audit.json (metrics), .../audit_frames.csv (per-frame table) and
-results/<run>/T<setting>/audit_<arm>.npz (geometries, model and DFT energies/forces of the audited frames).
+results/<run>/T<setting>/audit_<arm>.npz (geometries, model and DFT energies/forces of the audited frames);
+DFT wall times and cache use go to timings/<run>/T<setting>/audit_<arm>.json.
 Molecules not in audit.molecules get a small "skipped" JSON, an empty table and an empty npz, so the
 stage's outputs are the same for every branch. DFT results are memoised per frame in a persistent
 folder (default cache/dft, or $CRMSE_DFT_CACHE) that is not a DVC output: DVC deletes outputs before a
@@ -60,8 +61,9 @@ if __name__ == "__main__":
     write_json(out_metrics / "audit.json", metrics)
     write_rows_csv(out_metrics / "audit_frames.csv", result.rows)
     write_npz(out_npz, **result.arrays)
+    write_json(paths.timing("audit", args.arm, args.temperature), result.timing)
 
-    off, dft = result.metrics["offset"], result.metrics["dft"]
+    off, dft = result.metrics["offset"], result.metrics["dft"] | result.timing
     print(f"{label}: offset DFT - label {off.get('offset', float('nan')):+.2f} "
           f"± {off.get('std', float('nan')):.2f} kcal/mol (n={off.get('n')}); {dft['n_frames']} frames, "
           f"{dft['n_computed']} computed, {dft['n_failed']} failed")

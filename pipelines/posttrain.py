@@ -6,8 +6,8 @@
 (section ``crmse_memory``). Reads models/<run>/mse.pt, mse_metrics.json (T_conf of the data, for
 ``chains.temperature: auto``) and the split; writes models/<run>/<arm>.pt (same checkpoint format as
 mse.pt), <arm>_log.csv (per iteration), <arm>_val.csv (per evaluation) and <arm>_metrics.json — the
-same bytes for the same seed, so an identical rerun changes no dependency downstream; wall time and
-device go to <arm>_timing.json, on which no stage may depend.
+same bytes for the same seed, so an identical rerun changes no dependency downstream; wall times and
+device go to timings/<run>/posttrain_<arm>.json, on which no stage depends.
 """
 
 import os
@@ -79,7 +79,9 @@ def posttrain(paths: RunPaths, arm: str, params: dict[str, Any]) -> tuple[CRMSER
     write_log_csv(paths.train_log(arm), result.log, list(result.log_columns))
     write_log_csv(paths.val_log(arm), result.val_log, list(VAL_COLUMNS))
     write_json(paths.train_metrics(arm), metrics)
-    write_json(paths.train_timing(arm), {"wall_s": result.wall_s, "device": str(device)})
+    write_json(paths.timing("posttrain", arm), {
+        "wall_s": result.wall_s, "device": str(device),
+        "validation_wall_s": dict(zip((r["iteration"] for r in result.val_log), result.val_wall_s, strict=True))})
     return result, metrics
 
 

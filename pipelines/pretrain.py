@@ -1,8 +1,8 @@
 """DVC stage `pretrain`: MSE training of the SchNet potential on one (molecule, size, seed) split.
 
 Writes models/<mol>/n<size>/s<seed>/{mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json} — the same bytes
-for the same seed, so an identical rerun changes no dependency downstream — and mse_timing.json (wall
-times and throughput, which vary from run to run; no stage may depend on it).
+for the same seed, so an identical rerun changes no dependency downstream — and timings/<run>/pretrain.json
+(wall times and throughput, which vary from run to run; no stage depends on it).
 """
 
 import os

@@ -1,7 +1,8 @@
 """DVC stage `sample`: Langevin MD of one arm's model of one (molecule, size, seed) at one temperature setting.
 
 Reads models/<run>/<arm>.pt and the split; writes results/<run>/T<setting>/<arm>/{samples.npz, sample.json,
-trajectory.traj}. An interrupted run resumes from its last complete chunk (a hidden .partial folder beside it).
+trajectory.traj} and its throughput to timings/<run>/T<setting>/sample_<arm>.json. An interrupted run resumes
+from its last complete chunk (a hidden .partial folder beside it).
 """
 
 import sys
@@ -48,6 +49,7 @@ if __name__ == "__main__":
         device=device,
         dtype=dtype,
         energy_fn=model.energy,
+        timing_path=paths.timing("sample", args.arm, args.temperature),
         meta={
             "label": label,
             "molecule": args.molecule,

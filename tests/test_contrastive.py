@@ -460,7 +460,8 @@ def test_log_columns_are_fixed_per_arm(arm, holes):
     assert [list(r) for r in res.log] == [list(res.log_columns)] * 6
     assert [tuple(r) for r in res.val_log] == [VAL_COLUMNS] * 2
     assert set(VAL_COLUMNS) == {"iteration", "val_energy_mae", "val_force_mae", "gap", "offset_refit", "blowups",
-                                "n_spurious", "chain_failures", "wall_s"}
+                                "n_spurious", "chain_failures"}
+    assert len(res.val_wall_s) == 2 and 0 < res.val_wall_s[0] <= res.val_wall_s[1] <= res.wall_s
 
 
 def test_each_term_writes_its_own_columns():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +199,20 @@ def test_checkpoint_bytes_depend_only_on_the_content(tmp_path):
     export_schnetpack(model, tmp_path / "b" / "x_spk.pt")
     assert (tmp_path / "a" / "spk.pt").read_bytes() == (tmp_path / "b" / "x_spk.pt").read_bytes()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mse.pt", "spk.pt"]  # no temp file left
+
+
+def test_schnetpack_export_bytes_do_not_depend_on_the_string_hash_seed(tmp_path):
+    """Issue 31.3: schnetpack keeps its output keys in a set; under PYTHONHASHSEED 1 and 3 their order differed."""
+    script = (
+        "import sys, torch; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
+        "from test_model import tiny; from crmse.model import export_schnetpack;"
+        "export_schnetpack(tiny('ethanol', 'float32')[0], Path(sys.argv[1]))"
+    )
+    tests = str(Path(__file__).parent)
+    for seed in ("1", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.pt"), tests], env=env, check=True)
+    assert (tmp_path / "1.pt").read_bytes() == (tmp_path / "3.pt").read_bytes()
 
 
 def test_unreadable_checkpoints_name_the_file_and_never_advise_weights_only_false(tmp_path):

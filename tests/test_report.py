@@ -126,7 +126,7 @@ def _audit(arm: str, k: int, dir_: Path) -> None:
                 "time_ps": 0.01 * (i + 1), "spurious": flagged, "min_nonbonded_distance": 1.7,
                 "model_energy": 10.0 + d, "dft_energy_aligned": 10.0, "model_minus_dft": d,
                 "model_rel_dft_min": 5.0 + d - 35.0 * flagged, "dft_rel_dft_min": 5.0 + 20.0 * flagged,
-                "forces_mae": 1.0, "status": "ok", "dft_seconds": 1.0, "cached": False})
+                "forces_mae": 1.0, "status": "ok"})
 
     add("reference", 4, 0.3)
     add("random", 6, 1.0 + k)
@@ -185,10 +185,10 @@ def write_fake_run(root: Path, size: int = SIZE, seed: int = SEED, temperature: 
             _audit(arm, k, d)
     # pretrain and posttrain stages
     epochs = np.arange(1, 31)
-    _csv(paths.train_log("mse"), ["epoch", "lr", "train_loss", "val_loss", "val_energy_mae", "val_force_mae", "wall_s"],
-         [[e, 5e-4, 50 / e, 60 / e, 2 / np.sqrt(e), 8 / np.sqrt(e), float(e)] for e in epochs])
+    _csv(paths.train_log("mse"), ["epoch", "lr", "train_loss", "val_loss", "val_energy_mae", "val_force_mae"],
+         [[e, 5e-4, 50 / e, 60 / e, 2 / np.sqrt(e), 8 / np.sqrt(e)] for e in epochs])
     write_json(paths.train_metrics("mse"), {
-        "epochs": 30, "best_epoch": 28, "stop_reason": "max_epochs", "wall_s": 30.0, "device": "cpu",
+        "epochs": 30, "best_epoch": 28, "stop_reason": "max_epochs", "device": "cpu",
         "T_conf_train_K": T_SET + 30, "T_conf_val_K": T_SET - 20, "T_conf_pool_K": T_SET, "T_auto_K": T_SET,
         "val": {"energy_mae": 0.4, "force_mae": 1.5}})
     for k, arm in enumerate(a for a in arms if a in POSTTRAINED):
@@ -202,7 +202,7 @@ def write_fake_run(root: Path, size: int = SIZE, seed: int = SEED, temperature: 
              [{c: 1.0 for c in VAL_COLUMNS} | {"iteration": i, "val_energy_mae": 0.45 - 0.01 * j - 0.02 * k,
                                                "val_force_mae": 1.52 - 0.01 * j} for j, i in enumerate((10, 20, 30))])
         write_json(paths.train_metrics(arm), {"T_chain_K": T_SET, "selected_iteration": 20 + k,
-                                              "selection": "fewest chain failures", "wall_s": 12.0, "device": "cpu"})
+                                              "selection": "fewest chain failures"})
     return paths
 
 
@@ -582,6 +582,10 @@ def test_stage_scripts_fail_fast_then_render_the_report_and_the_index(tmp_path):
     nb = read_json(paths.report("auto", tmp_path / "reports"))
     assert nb["metadata"]["papermill"]["parameters"] == {
         "molecule": MOL, "size": SIZE, "seed": SEED, "temperature": "auto", "root": "."}
+    # Issue 31.3: a rerun on the same inputs gives the same bytes (no clocks, no random cell ids).
+    first = {p: p.read_bytes() for p in (tmp_path / "reports").rglob("*.*")}
+    out = subprocess.run(script, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and {p: p.read_bytes() for p in first} == first
 
     out = subprocess.run([sys.executable, str(REPO / "pipelines/report_index.py"), "--no-progress"], cwd=tmp_path,
                          env=_env(), capture_output=True, text=True)

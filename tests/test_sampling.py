@@ -58,7 +58,7 @@ def _run(tmp, reference, model=None, settings=SETTINGS, **kw):
     model = model or _Faulty()
     return run_sampling(
         model, z, R, settings, tmp / "out", device="cpu", dtype=torch.float32,
-        meta={"label": "test", **kw.pop("meta", {})}, progress=False, **kw,
+        meta={"label": "test", **kw.pop("meta", {})}, progress=False, timing_path=tmp / "timing.json", **kw,
     )
 
 
@@ -84,8 +84,9 @@ def test_outputs_follow_the_sample_contract(tmp_path, reference):
     assert abs(np.mean(a["T_kin"]) / 500.0 - 1) < 0.25  # 4 replicas × 0.1 ps: loose, just wiring
     js = read_json(out / "sample.json")
     assert js["stability"]["stable_fraction"] == 1.0 and js["stability"]["median_time_to_instability_ps"] == 0.1
-    assert "throughput" not in js  # run-to-run-varying numbers live in timing.json
-    timing = read_json(out / "timing.json")
+    assert "throughput" not in js  # run-to-run-varying numbers live apart, in timing_path
+    assert sorted(p.name for p in out.iterdir()) == ["sample.json", "samples.npz", "trajectory.traj"]
+    timing = read_json(tmp_path / "timing.json")
     assert timing["replica_steps_per_s"] > 0 and timing["steps_run_this_invocation"] == 220
     assert timing == summary["throughput"] and not timing["resumed"]
     assert js["T_conf_frames"] == 40 and 200 < js["T_conf_samples_K"] < 1200
@@ -130,10 +131,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, reference):
     assert resumed.keys() == full.keys()
     for k in full:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
-    # Every output a stage may depend on is byte-identical; only timing.json differs.
+    # Every output is byte-identical; only the timing record (outside the output folder) differs.
     for name in ("samples.npz", "sample.json", "trajectory.traj"):
         assert (tmp_path / "b/out" / name).read_bytes() == (tmp_path / "a/out" / name).read_bytes(), name
-    assert read_json(tmp_path / "b/out/timing.json")["resumed"]
+    assert read_json(tmp_path / "b/timing.json")["resumed"]
 
 
 def test_changed_settings_never_resume_a_stale_partial_run(tmp_path, reference):
@@ -193,7 +194,8 @@ def test_sample_stage_script_runs_on_a_checkpoint(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     res = tmp_path / "results/ethanol/n20/s0/T500/mse"
-    assert sorted(p.name for p in res.iterdir()) == ["sample.json", "samples.npz", "timing.json", "trajectory.traj"]
+    assert sorted(p.name for p in res.iterdir()) == ["sample.json", "samples.npz", "trajectory.traj"]
+    assert read_json(tmp_path / "timings/ethanol/n20/s0/T500/sample_mse.json")["replica_steps_per_s"] > 0
     js = read_json(res / "sample.json")
     assert js["arm"] == "mse" and js["temperature_K"] == 500.0 and js["pair_list"].startswith("verlet")
     assert js["n_frames"] == 8 and js["stability"]["n_replicas"] == 3
@@ -326,7 +328,7 @@ def test_frozen_replicas_are_compacted_out_with_byte_identical_outputs(tmp_path,
     assert 2 <= (unstable >= 0).sum() <= 7 and len(set(unstable[unstable >= 0])) >= 2  # some die, at various times
     for name in ("samples.npz", "sample.json", "trajectory.traj"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    on, off = read_json(b / "timing.json")["compaction"], read_json(a / "timing.json")["compaction"]
+    on, off = (read_json(tmp_path / f"{c}/timing.json")["compaction"] for c in (True, False))
     assert on["enabled"] and on["off_reason"] is None and on["rows_skipped"] > 0
     assert not off["enabled"] and off["rows_skipped"] == 0
     # Compaction is the default of both the stage function and the engine.

@@ -191,11 +191,10 @@ def _params(bounds: tuple[float, float] = (1e-3, 1e12), **mse) -> dict:
 def test_pretrain_stage_writes_model_log_metrics_and_schnetpack_export(tmp_path, data):
     train, val = data
     _write_split(tmp_path / "splits", train, val, frames(12, 2))
-    m = pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False)
+    m = pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False,
+                 timings_root=tmp_path / "timings")
     out = tmp_path / "models/ethanol/n48/s0"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt", "mse_timing.json"
-    ]
+    assert sorted(p.name for p in out.iterdir()) == ["mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt"]
     metrics = read_json(out / "mse_metrics.json")
     assert metrics["test"] == m["test"] and metrics["val"] == m["val"]
     for split in ("val", "test"):
@@ -220,14 +219,15 @@ def test_pretrain_with_nan_data_writes_no_checkpoint(tmp_path, data):
     _write_split(tmp_path / "splits", Frames(train.z, train.R, train.E, F, train.md17_index), val, val)
     with pytest.raises(TrainingError, match="epoch 1, batch 1/3"):
         pretrain("ethanol", 48, 0, _params(bounds=(250, 1000)), tmp_path / "splits", tmp_path / "models",
-                 progress=False)
+                 progress=False, timings_root=tmp_path / "timings")
     out = tmp_path / "models/ethanol/n48/s0"
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_pretrain_without_split_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.npz not found: run the split stage"):
-        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False)
+        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / "models", progress=False,
+                 timings_root=tmp_path / "timings")
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:
@@ -261,9 +261,10 @@ def test_pretrain_artifacts_are_byte_identical_across_reruns(tmp_path, data):
     _write_split(tmp_path / "splits", train, val, frames(12, 2))
     outs = []
     for run in ("a", "b"):
-        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / run, progress=False)
+        pretrain("ethanol", 48, 0, _params(), tmp_path / "splits", tmp_path / run, progress=False,
+                 timings_root=tmp_path / run / "timings")
         out = tmp_path / run / "ethanol/n48/s0"
-        timing = read_json(out / "mse_timing.json")
+        timing = read_json(tmp_path / run / "timings/ethanol/n48/s0/pretrain.json")
         assert timing["wall_s"] > 0 and timing["train_frames_per_s"] > 0 and len(timing["epoch_wall_s"]) == 3
         outs.append(out)
     for name in ("mse.pt", "mse_spk.pt", "mse_log.csv", "mse_metrics.json"):
@@ -272,9 +273,7 @@ def test_pretrain_artifacts_are_byte_identical_across_reruns(tmp_path, data):
     assert not {"wall_s", "train_frames_per_s"} & set(metrics) and metrics["T_auto_K"] > 0
     header = (outs[0] / "mse_log.csv").read_text().splitlines()[0].split(",")
     assert header == list(LOG_COLUMNS) and "wall_s" not in header
-    assert sorted(p.name for p in outs[0].iterdir()) == [
-        "mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt", "mse_timing.json"
-    ]
+    assert sorted(p.name for p in outs[0].iterdir()) == ["mse.pt", "mse_log.csv", "mse_metrics.json", "mse_spk.pt"]
 
 
 def test_pretrain_refuses_an_implausible_auto_temperature_and_writes_nothing(tmp_path, data):
@@ -286,6 +285,6 @@ def test_pretrain_refuses_an_implausible_auto_temperature_and_writes_nothing(tmp
     with pytest.raises(ImplausibleTemperatureError, match=r"auto temperature is .* K \(T_conf of 10 frames.*outside "
                        r"the plausible 250–1000 K.*undertrained model"):
         pretrain("ethanol", 48, 0, _params(bounds=(250, 1000)), tmp_path / "splits", tmp_path / "models",
-                 progress=False)
+                 progress=False, timings_root=tmp_path / "timings")
     out = tmp_path / "models/ethanol/n48/s0"
     assert not out.exists() or not any(out.iterdir())

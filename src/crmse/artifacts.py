@@ -9,12 +9,13 @@ Layout of one run ``<mol>/n<size>/s<seed>`` (``<T>`` = ``T`` + a temperature set
 params.yaml, e.g. ``Tauto``, ``T500``; ``<arm>`` ∈ :data:`ARMS`)::
 
     data/splits/<run>/{train,val,test,reference}.npz
-    models/<run>/<arm>.pt, <arm>_metrics.json, <arm>_log.csv (+ <arm>_val.csv for post-trained arms),
-        <arm>_timing.json (wall time, device: read by the reports only)
+    models/<run>/<arm>.pt, <arm>_metrics.json, <arm>_log.csv (+ <arm>_val.csv for post-trained arms)
     results/<run>/<T>/<arm>/samples.npz, sample.json
     metrics/<run>/<T>/reference/metrics.json, plots/
     metrics/<run>/<T>/<arm>/metrics.json, replicas.csv, worst_frame.json, plots/, audit.json, audit_frames.csv
     reports/<run>/<T>.ipynb, .html
+    timings/<run>/[<T>/]<stage>[_<arm>].json   wall times, throughput, cache use: they vary from run to run,
+        so they live apart from every stage's deps (an identical rerun then changes nothing downstream)
 """
 
 from __future__ import annotations
@@ -81,9 +82,12 @@ class RunPaths:
     def train_metrics(self, arm: str) -> Path:
         return self.models_dir / f"{arm}_metrics.json"
 
-    def train_timing(self, arm: str) -> Path:
-        """Wall time and device of an arm's training: varies from run to run, so no stage depends on it."""
-        return self.models_dir / f"{arm}_timing.json"
+    def timing(self, stage: str, arm: str = "", temperature: Any = None) -> Path:
+        """``timings/<run>/[<T>/]<stage>[_<arm>].json``: a stage's wall times (no stage depends on them)."""
+        path = Path(self.root) / "timings" / self.rel
+        if temperature is not None:
+            path = path / temperature_folder(temperature)
+        return path / (f"{stage}_{arm}.json" if arm else f"{stage}.json")
 
     def train_log(self, arm: str) -> Path:
         return self.models_dir / f"{arm}_log.csv"

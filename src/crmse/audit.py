@@ -477,11 +477,13 @@ class SampleRun:
 
 @dataclass
 class AuditResult:
-    """Metrics (JSON-ready), per-frame rows (CSV-ready) and per-frame arrays (geometries, forces)."""
+    """Metrics (JSON-ready), per-frame rows (CSV-ready), per-frame arrays (geometries, forces) and the DFT
+    wall times and cache use (``timing``: they depend on the cache's state, so they stay out of the metrics)."""
 
     metrics: dict[str, Any]
     rows: list[dict[str, Any]]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 def _mae(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -577,7 +579,7 @@ class AuditedFrames:
                 "dft_energy": r.energy, "dft_energy_aligned": e_al, "model_minus_dft": float(self.E_model[i]) - e_al,
                 "model_rel_dft_min": float(self.E_model[i]) - pool_min, "dft_rel_dft_min": e_al - pool_min,
                 "forces_mae": math.nan if f_mae is None else f_mae,
-                "status": r.status, "dft_seconds": r.seconds, "cached": r.cached,
+                "status": r.status,
             })
         return out
 
@@ -709,18 +711,17 @@ def run_audit(
         "offset": offset_json,
         "reference_pool": {"n": len(E_pool), "energy_min": pool_min, "energy_mean": float(E_pool.mean()),
                            "n_offset_frames": len(ref_idx)},
-        "dft": {
-            "n_frames": len(all_results),
-            "n_computed": len(computed),
-            "n_cached": len(all_results) - len(computed),
-            "n_failed": int(sum(not r.ok for r in all_results)),
-            "seconds_per_frame": float(np.mean(timed)) if timed else None,
-            "seconds_per_frame_this_run": float(np.mean([r.seconds for r in computed])) if computed else None,
-        },
+        "dft": {"n_frames": len(all_results), "n_failed": int(sum(not r.ok for r in all_results))},
         "models": per_model,
     }
+    timing = {
+        "n_computed": len(computed),
+        "n_cached": len(all_results) - len(computed),
+        "seconds_per_frame": float(np.mean(timed)) if timed else None,
+        "seconds_per_frame_this_run": float(np.mean([r.seconds for r in computed])) if computed else None,
+    }
     rows = [row for a in audited for row in a.rows(offset, pool_min)]
-    return AuditResult(metrics, rows, _stack_arrays(z, audited))
+    return AuditResult(metrics, rows, _stack_arrays(z, audited), timing)
 
 
 def _stack_arrays(z: np.ndarray, audited: Sequence[AuditedFrames]) -> dict[str, np.ndarray]:
@@ -750,7 +751,7 @@ def _stack_arrays(z: np.ndarray, audited: Sequence[AuditedFrames]) -> dict[str, 
 ROW_FIELDS = (
     "model", "kind", "replica", "frame", "time_ps", "spurious", "min_nonbonded_distance", "model_energy",
     "label_energy", "dft_energy", "dft_energy_aligned", "model_minus_dft", "model_rel_dft_min", "dft_rel_dft_min",
-    "forces_mae", "status", "dft_seconds", "cached",
+    "forces_mae", "status",
 )
 
 
@@ -762,7 +763,7 @@ def write_rows_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     shortest non-bonded distance (Å); model_energy, label_energy (reference rows), dft_energy (raw
     PBE/def2-SVP) and dft_energy_aligned (DFT − offset, the label scale), model_minus_dft,
     model_rel_dft_min and dft_rel_dft_min (relative to the reference pool's lowest label), all in
-    kcal/mol; forces_mae (model vs DFT, kcal/mol/Å); DFT status, seconds and whether it was cached.
+    kcal/mol; forces_mae (model vs DFT, kcal/mol/Å); DFT status.
     """
     import csv
 

@@ -414,6 +414,8 @@ def to_schnetpack(model: Potential) -> nn.Module:
         ],
         input_dtype_str=model.config["dtype"],
     )
+    # schnetpack collects the output keys in a set: sorted, the pickled file no longer depends on PYTHONHASHSEED.
+    nnp.model_outputs = sorted(nnp.model_outputs)
     # No nnp.to(dtype): that would round the float64 mean offset to float32.
     return nnp.cpu().eval()
 

@@ -7,9 +7,10 @@ Outputs in ``out_dir`` (read back by :func:`crmse.artifacts.load_samples`):
   to the end; frames from there on are NaN), z (n,), temperature () K;
 * ``sample.json``: settings, stability summary, mean kinetic temperature, configurational
   temperature of the samples — only what the same inputs always give (a dependency of evaluate);
-* ``timing.json``: throughput, wall time, whether the run resumed, compaction of frozen replicas
-  (varies from run to run: no stage may depend on it);
 * ``trajectory.traj``: ASE trajectory of one replica (its frames before instability).
+
+Throughput, wall time, whether the run resumed and the compaction of frozen replicas vary from run to
+run: they go to ``timing_path`` (outside ``out_dir``, so no stage that reads the samples depends on them).
 
 Resuming: the run is cut into chunks of ``chunk_frames`` saved frames. Each chunk is written
 atomically to ``scratch_dir`` together with the complete engine state (positions, velocities,
@@ -317,6 +318,7 @@ def run_sampling(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     compact: bool = True,
+    timing_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Equilibrate and sample M replicas started from random reference frames; write the outputs; return the summary.
 
@@ -325,6 +327,7 @@ def run_sampling(
     ``meta`` (e.g. molecule, model, checkpoint hash) goes into sample.json and the resume fingerprint.
     A :class:`crmse.model.Potential` behind either must be of atoms ``z`` (checked before anything
     is written). ``compact``: leave frozen replicas out of the model evaluation (same numbers).
+    The summary's ``throughput`` is also written to ``timing_path`` when given.
     """
     out_dir = Path(out_dir)
     scratch = Path(scratch_dir) if scratch_dir is not None else out_dir.parent / f".{out_dir.name}.partial"
@@ -479,7 +482,7 @@ def run_sampling(
         "production_steps": s.n_frames * s.save_every,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        # Not in sample.json (see the module docstring): timing.json.
+        # Not in sample.json (see the module docstring): timing_path.
         "throughput": {
             "steps_run_this_invocation": steps_run,
             "wall_s": t_run,
@@ -502,6 +505,7 @@ def run_sampling(
     }
     # Run-to-run-varying numbers apart, so that an identical rerun leaves sample.json (a dependency) unchanged.
     write_json(out_dir / "sample.json", {k: v for k, v in summary.items() if k != "throughput"})
-    write_json(out_dir / "timing.json", summary["throughput"])
+    if timing_path is not None:
+        write_json(Path(timing_path), summary["throughput"])
     shutil.rmtree(scratch, ignore_errors=True)
     return summary

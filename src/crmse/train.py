@@ -295,8 +295,10 @@ def pretrain(
     splits_root: str | Path = "data/splits",
     models_root: str | Path = "models",
     progress: bool = True,
+    timings_root: str | Path = "timings",
 ) -> dict[str, Any]:
-    """The ``pretrain`` stage: train on a split, write mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json.
+    """The ``pretrain`` stage: train on a split, write mse.pt, mse_spk.pt, mse_log.csv, mse_metrics.json
+    (and the wall times to ``<timings_root>/<run>/pretrain.json``).
 
     Returns the metrics. Nothing is written when training fails.
     """
@@ -351,11 +353,11 @@ def pretrain(
     meta.update(mse=params["mse"], val=errors["val"])
     save_checkpoint(model, out / "mse.pt", meta)
     export_schnetpack(model, out / "mse_spk.pt")
-    # Wall times vary from run to run: they go to mse_timing.json, on which no stage depends, so that an
+    # Wall times vary from run to run: they go to timings/, on which no stage depends, so that an
     # identical rerun leaves every dependency downstream byte-identical.
-    timing = {"wall_s": result.wall_s, "train_frames_per_s": result.frames_per_s,
+    timing = {"wall_s": result.wall_s, "train_frames_per_s": result.frames_per_s, "device": str(device),
               "epoch_wall_s": [row["wall_s"] for row in result.history]}
-    write_json(out / "mse_timing.json", timing)
+    write_json(run_dir(timings_root, molecule, size, seed) / "pretrain.json", timing)
     write_log_csv(out / "mse_log.csv", result.history)
     write_json(out / "mse_metrics.json", metrics)
     return {**metrics, **timing}

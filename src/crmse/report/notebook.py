@@ -54,6 +54,24 @@ def render_html(nb: Any, title: str) -> str:
     return body
 
 
+#: Per-execution metadata (papermill's and nbclient's clocks): dropped so that a rerun gives the same bytes.
+_RUN_KEYS = ("start_time", "end_time", "duration", "execution")
+
+
+def strip_run_metadata(nb: Any) -> Any:
+    """Drop every execution time from ``nb`` and give its cells fixed ids, in place; returns ``nb``.
+
+    nbformat gives the cell papermill injects a random id; the template's cells are renumbered with it.
+    """
+    for meta in (nb.metadata.get("papermill", {}), *(c.metadata.get("papermill", {}) for c in nb.cells)):
+        for key in _RUN_KEYS:
+            meta.pop(key, None)
+    for i, cell in enumerate(nb.cells):
+        cell.metadata.pop("execution", None)
+        cell.id = f"cell-{i}"
+    return nb
+
+
 def _relative(path: Path, base: Path) -> str:
     try:
         return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
@@ -69,7 +87,8 @@ def execute_report(
     cwd: str | os.PathLike = ".",
     progress: bool = True,
 ) -> tuple[Path, Path]:
-    """Execute ``template`` with papermill, write the executed notebook and its HTML (same stem), atomically.
+    """Execute ``template`` with papermill, write the executed notebook and its HTML (same stem), atomically;
+    the same inputs give the same bytes (no execution times, fixed cell ids).
 
     Nothing is written when a cell fails (papermill's error names the cell and shows its traceback).
     Returns (ipynb path, html path).
@@ -91,6 +110,7 @@ def execute_report(
     pm_meta = nb.metadata.get("papermill", {})
     pm_meta["input_path"] = _relative(Path(template), Path(cwd))
     pm_meta["output_path"] = _relative(out_ipynb, Path(cwd))
+    strip_run_metadata(nb)
     page = render_html(nb, title)
     with atomic_path(out_ipynb) as tmp_nb:
         nbformat.write(nb, tmp_nb)

@@ -133,7 +133,7 @@ def load_run(root: str | os.PathLike, molecule: str, size: int, seed: int, tempe
         paths=paths, temperature=T, arms=arms, params=params,
         rows={a: read_json(paths.metrics_dir(T, a) / "metrics.json") for a in arms},
         reference=ref["reference"], noise_floor=ref["noise_floor"],
-        train={a: _train_record(paths, a) for a in ("mse", *(a for a in arms if a in POSTTRAINED))},
+        train={a: read_json(paths.train_metrics(a)) for a in ("mse", *(a for a in arms if a in POSTTRAINED))},
         logs={a: _read_csv(paths.train_log(a)) for a in ("mse", *(a for a in arms if a in POSTTRAINED))},
         val={a: _read_csv(paths.val_log(a)) for a in arms if a in POSTTRAINED},
         replicas={a: pd.read_csv(paths.metrics_dir(T, a) / "replicas.csv") for a in arms},
@@ -190,9 +190,3 @@ def audit_errors(audit: dict[str, Any] | None, frames: pd.DataFrame | None, arm:
             "flagged": {"n": sp.get("n"), "mean": sp.get("energy_mae"), "sd": None},
             "reference": {"n": None, "mean": m.get("reference_energy_mae"), "sd": None}}
 
-
-def _train_record(paths: RunPaths, arm: str) -> dict[str, Any]:
-    """An arm's training metrics, with its wall time and device from the timing file when there is one."""
-    record = read_json(paths.train_metrics(arm))
-    timing = paths.train_timing(arm)
-    return {**record, **read_json(timing)} if timing.exists() else record

@@ -147,14 +147,12 @@ def run_header(run: RunData) -> str:
     for a in run.arms:
         lines.append(f"* **{label(a)}:** {ARM_DESCRIPTIONS.get(a, a)}.")
     lines.append(f"* **MSE pre-training:** {mm.get('epochs', '?')} epochs (best validation epoch "
-                 f"{mm.get('best_epoch', '?')}; {mm.get('stop_reason', '')}), {fmt(num(mm.get('wall_s')), 0)} s on "
-                 f"{mm.get('device', '?')}.")
+                 f"{mm.get('best_epoch', '?')}; {mm.get('stop_reason', '')}) on {mm.get('device', '?')}.")
     for a in run.posttrained:
         cm = run.train[a]
         lines.append(f"* **{label(a)} post-training:** T_chain = {fmt(num(cm.get('T_chain_K')), 0)} K, "
                      f"{int(run.logs[a]['iteration'].max())} iterations, selected iteration "
-                     f"{cm.get('selected_iteration', '?')} ({cm.get('selection', '')}), "
-                     f"{fmt(num(cm.get('wall_s')), 0)} s on {cm.get('device', '?')}.")
+                     f"{cm.get('selected_iteration', '?')} ({cm.get('selection', '')}).")
     row = run.rows[run.arms[0]]
     t_ps = num(row.get("trajectory_ps"))
     lines.append(f"* **Sampling:** {row.get('n_replicas', '?')} replicas × {'—' if t_ps is None else f'{t_ps:g}'} ps "
