@@ -43,6 +43,7 @@ from crmse.observables import distributions
 from crmse.pairlist import VerletPotential
 from crmse.params import load_params
 from crmse.sampling import SampleSettings, run_sampling
+from crmse.stage import configure_torch
 from crmse.train import evaluate_errors, write_log_csv
 
 # name -> overrides (see the module docstring) of params.yaml's crmse / crmse_memory sections
@@ -162,8 +163,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
     params = load_params(molecule=args.molecule)
+    configure_torch({**params, "torch_threads": args.threads})
     ev = params["evaluate"]
     device = resolve_device(params["device"])
     out_path = args.out or Path(f"benchmarks/out/crmse_study_{args.molecule}_n{args.size}.json")

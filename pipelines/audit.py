@@ -17,7 +17,7 @@ import numpy as np
 from crmse.artifacts import ARMS, ReferenceMonitors, load_samples, load_split, valid_frames
 from crmse.audit import AuditConfig, DFTCache, DFTSettings, SampleRun, model_energy_forces, run_audit, write_rows_csv
 from crmse.io import write_json, write_npz
-from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params
+from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params
 
 if __name__ == "__main__":
     parser = run_parser(__doc__, temperature=True, arms=ARMS)
@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
     from crmse.model import load_checkpoint
 
-    set_torch_threads(params)
+    configure_torch(params)
     ev = params["evaluate"]
     with input_errors(label):
         reference, test = load_split(paths.split("reference")), load_split(paths.split("test"))

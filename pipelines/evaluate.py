@@ -3,12 +3,12 @@
 from crmse.artifacts import ARMS
 from crmse.evaluate import evaluate_arm
 from crmse.model import resolve_device
-from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params
+from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params
 
 if __name__ == "__main__":
     args = run_parser(__doc__, temperature=True, arms=ARMS).parse_args()
     params = stage_params(args)
-    set_torch_threads(params)
+    configure_torch(params)
     with input_errors("evaluate"):
         r = evaluate_arm(run_paths(args), args.temperature, args.arm, params, device=resolve_device(params["device"]))
 

@@ -23,7 +23,7 @@ from crmse.contrastive import VAL_COLUMNS, CRMSEConfig, CRMSEResult, chain_monit
 from crmse.holes import HoleConfig  # noqa: E402
 from crmse.io import write_json  # noqa: E402
 from crmse.model import load_checkpoint, resolve_device, save_checkpoint  # noqa: E402
-from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params  # noqa: E402
+from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params  # noqa: E402
 from crmse.train import evaluate_errors, write_log_csv  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def posttrain(paths: RunPaths, arm: str, params: dict[str, Any]) -> tuple[CRMSER
 if __name__ == "__main__":
     args = run_parser(__doc__, arms=POSTTRAINED).parse_args()
     params = stage_params(args)
-    set_torch_threads(params)
+    configure_torch(params)
     result, m = posttrain(run_paths(args), args.arm, params)
     print(
         f"posttrain {args.arm}: selected iteration {result.selected_iteration} ({result.selection_note}); test E MAE "

@@ -13,13 +13,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
-from crmse.stage import input_errors, run_parser, stage_params  # noqa: E402
+from crmse.stage import configure_torch, input_errors, run_parser, stage_params  # noqa: E402
 from crmse.temperature import ImplausibleTemperatureError  # noqa: E402
 from crmse.train import pretrain  # noqa: E402
 
 if __name__ == "__main__":
     args = run_parser(__doc__).parse_args()
     params = stage_params(args)
+    configure_torch(params)
     try:
         with input_errors("pretrain"):
             m = pretrain(args.molecule, args.size, args.seed, params)

@@ -12,12 +12,12 @@ from crmse.io import sha256
 from crmse.model import load_checkpoint, resolve_device
 from crmse.pairlist import VerletPotential
 from crmse.sampling import SampleSettings, run_sampling
-from crmse.stage import input_errors, run_parser, run_paths, set_torch_threads, stage_params
+from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params
 
 if __name__ == "__main__":
     args = run_parser(__doc__, temperature=True, arms=ARMS).parse_args()
     params = stage_params(args)
-    set_torch_threads(params)
+    configure_torch(params)
     device = resolve_device(params["device"])
     paths = run_paths(args)
 

@@ -143,3 +143,43 @@ def test_a_misspelt_param_fails_dvc_repro(tmp_path):
         (proj / "params.yaml").write_text(yaml.safe_dump(good, sort_keys=False))
     # A valid edit of an undeclared-by-split key reruns check_params only.
     assert "Running stage 'split" not in _repro(proj, mirror, "split")
+
+
+def _crmse_imports(path: Path) -> set[str]:
+    """crmse modules a file imports anywhere (function-level imports too), as ``crmse.x`` names."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("crmse")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crmse"):
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}  # ``from crmse import x`` / a package's module
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO / "src" / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def test_every_stage_depends_on_the_code_its_script_runs():
+    """A stage whose code changed must rerun: every crmse module its script reaches (transitively) is a dep."""
+    for name, stage in _stages().items():
+        script = REPO / stage["cmd"].split()[1]
+        todo, reached = [script], set()
+        while todo:
+            for mod in _crmse_imports(todo.pop()):
+                f = _module_file(mod)
+                if f is not None and f not in reached:
+                    reached.add(f)
+                    todo.append(f)
+        deps = [REPO / d for d in stage["deps"]]
+        missing = sorted(str(f.relative_to(REPO)) for f in reached
+                         if f.name != "__init__.py" or f.parent.name != "crmse"
+                         if not any(f == d or d in f.parents for d in deps))
+        assert not missing, f"stage {name} runs code it does not depend on: {missing}"

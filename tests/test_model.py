@@ -215,6 +215,28 @@ def test_schnetpack_export_bytes_do_not_depend_on_the_string_hash_seed(tmp_path)
     assert (tmp_path / "1.pt").read_bytes() == (tmp_path / "3.pt").read_bytes()
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_stage_torch_setup_gives_two_threads_the_one_thread_force_bits():
+    """Two threads accumulated the backward of SchNet's indexed reads atomically: forces and gradients changed in
+    their last bits from run to run (and differed from one thread's). The stages' torch setup makes them exact."""
+    script = (
+        "import sys, hashlib, torch; sys.path.insert(0, sys.argv[1]); from test_model import frames;"
+        "from crmse.model import build_model; from crmse.stage import configure_torch;"
+        "configure_torch({'torch_threads': int(sys.argv[2]), 'device': 'cpu'});"
+        "fr = frames('ethanol', 43); torch.manual_seed(0);"
+        "m = build_model(fr.z, {'n_atom_basis': 64, 'n_filters': 64, 'n_interactions': 3, 'n_rbf': 20,"
+        " 'cutoff': 5.0, 'dtype': 'float32'}, fr).train();"
+        "R = torch.tensor(fr.R, dtype=torch.float32);"
+        "print(len({hashlib.sha256(m.energy_and_forces(R)[1].detach().numpy().tobytes()).hexdigest()"
+        " for _ in range(5)}), hashlib.sha256(m.energy_and_forces(R)[1].detach().numpy().tobytes()).hexdigest())"
+    )
+    tests = str(Path(__file__).parent)
+    runs = [subprocess.run([sys.executable, "-c", script, tests, n], capture_output=True, text=True, check=True)
+            .stdout.split() for n in ("1", "2")]
+    assert runs[0][0] == runs[1][0] == "1"  # the same bits on every call
+    assert runs[0][1] == runs[1][1]  # and the same bits on one thread and two
+
+
 def test_unreadable_checkpoints_name_the_file_and_never_advise_weights_only_false(tmp_path):
     """Issue 31.7: a garbage checkpoint gets a clear error naming it, never torch's pickle advice."""
     from crmse.model import CheckpointError

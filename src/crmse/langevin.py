@@ -19,7 +19,8 @@ Units: Å, fs, amu, kcal/mol, K; friction γ in 1/fs (γ = 0 gives velocity Verl
   updates the whole batch (its elementwise arithmetic is then the same to the bit) and only the
   alive rows go through the model. That leaves every survivor's trajectory bit-identical only if
   the model's result for a frame does not depend on the batch it is in; MKL's gemm breaks that
-  for some batch sizes (float64, or float32 on several threads), so the first evaluation of each
+  for some batch sizes in float64, and so do torch's atomic CPU adds on several threads unless its
+  deterministic kernels are on (:func:`crmse.stage.configure_torch`), so the first evaluation of each
   new set of alive replicas is checked against the full batch and, at the first difference,
   compaction is switched off for good (:attr:`Langevin.compaction`).
 * Randomness comes from one seeded :class:`torch.Generator` carried in the state, and the
@@ -263,7 +264,8 @@ class Langevin:
             if not same:
                 self.compaction["off_reason"] = (
                     f"the model's result for a frame depends on the batch size ({B} vs {len(rows)} replicas; "
-                    "e.g. BLAS rounding in float64 or on several threads): frozen replicas stay in the batch"
+                    "e.g. BLAS rounding in float64, or atomic adds on several threads without torch's deterministic "
+                    "kernels): frozen replicas stay in the batch"
                 )
                 print(f"langevin: compaction off: {self.compaction['off_reason']}")
                 return E_full, F_full

@@ -1,4 +1,4 @@
-"""What every per-run stage script shares: its command line, its params and the torch thread setting."""
+"""What every per-run stage script shares: its command line, its params and torch's threads and determinism."""
 
 from __future__ import annotations
 
@@ -55,10 +55,21 @@ def run_paths(args: argparse.Namespace) -> RunPaths:
     return RunPaths(args.molecule, args.size, args.seed)
 
 
-def set_torch_threads(params: dict[str, Any]) -> None:
-    """Apply params ``torch_threads`` (0 keeps torch's default)."""
-    if params["torch_threads"] > 0:
-        import torch
+def configure_torch(params: dict[str, Any]) -> None:
+    """Apply params ``torch_threads`` (0 keeps torch's default) and, on a CPU, torch's deterministic kernels.
 
+    With more than one thread torch's CPU backward of an indexed read (``x[idx]`` in schnetpack's SchNet)
+    accumulates with atomic adds, so forces and gradients changed in their last bits from run to run and
+    CRMSE runs of one seed drifted apart after a few hundred iterations. The deterministic kernel adds in
+    index order: the one-thread bits on any number of threads, no slower (benchmarks/README.md). On CUDA
+    the scatter-adds stay atomic: there the same seed does not give the same bits.
+    """
+    import torch
+
+    from crmse.model import resolve_device
+
+    if params["torch_threads"] > 0:
         torch.set_num_threads(params["torch_threads"])
+    if resolve_device(params["device"]).type == "cpu":
+        torch.use_deterministic_algorithms(True)
 

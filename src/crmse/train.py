@@ -310,8 +310,6 @@ def pretrain(
             raise FileNotFoundError(f"{path} not found: run the split stage first (dvc repro split)")
         with np.load(path) as npz:
             sets[name] = Frames(**{k: npz[k] for k in ("z", "R", "E", "F", "md17_index")})
-    if params["torch_threads"]:
-        torch.set_num_threads(int(params["torch_threads"]))
     device = resolve_device(params["device"])
     torch.manual_seed(seed)
     model = build_model(sets["train"].z, params["model"], sets["train"]).to(device)
