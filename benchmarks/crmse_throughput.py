@@ -39,10 +39,8 @@ from crmse.contrastive import ChainConfig, CRMSEConfig, chain_monitors, train_cr
 from crmse.data import Frames, load_frames  # noqa: E402
 from crmse.holes import HoleConfig, ScoutConfig  # noqa: E402
 from crmse.model import build_model  # noqa: E402
+from crmse.params import load_params  # noqa: E402
 from crmse.selection import SelectionConfig  # noqa: E402
-
-#: params.yaml's ``evaluate`` thresholds used by the chains' blow-up check and spurious-state detector.
-EVALUATE = {"bond_factor": 1.3, "bond_tolerance": 0.5, "spurious_energy_margin": 5.0, "spurious_distance_margin": 0.25}
 
 
 def load_frames_for(molecule: str, npz: str | None, n_train: int, seed: int = 0) -> tuple[Frames, Frames]:
@@ -55,7 +53,8 @@ def load_frames_for(molecule: str, npz: str | None, n_train: int, seed: int = 0)
 
 
 def run_once(train: Frames, val: Frames, config: dict[str, Any], arm: str, chains: int, scouts: int,
-             iterations: int, steps_per_iter: int, temperature: float, device: torch.device) -> dict[str, Any]:
+             iterations: int, steps_per_iter: int, temperature: float, device: torch.device,
+             evaluate: dict[str, Any]) -> dict[str, Any]:
     """One train_crmse run of ``iterations`` on a fresh random-weight model; wall time (s) and chain blow-ups."""
     torch.manual_seed(0)
     model = build_model(train.z, config, train)
@@ -66,7 +65,7 @@ def run_once(train: Frames, val: Frames, config: dict[str, Any], arm: str, chain
         seed=0,
     )
     holes = HoleConfig(scouts=ScoutConfig(n=scouts)) if arm == "crmse_memory" else None
-    stability, detector = chain_monitors(train, val, EVALUATE)
+    stability, detector = chain_monitors(train, val, evaluate)
     sync = synchronizer(device)
     sync()
     t = time.perf_counter()
@@ -112,12 +111,14 @@ def main() -> int:
     for mol in args.molecules:
         npz = args.npz.replace("{molecule}", mol) if args.npz else None
         train, val = load_frames_for(mol, npz, args.n_train)
+        # The chains' blow-up check and spurious-state detector use params.yaml's thresholds, as posttrain does.
+        evaluate = load_params(REPO / "params.yaml", mol)["evaluate"]
         for n in args.chains:
             for arm in args.arms:
                 scouts = (n if args.scouts is None else args.scouts) if arm == "crmse_memory" else 0
                 common = (train, val, config, arm, n, scouts)
-                run_once(*common, args.warmup, args.steps_per_iter, args.temperature, device)
-                r = run_once(*common, args.iterations, args.steps_per_iter, args.temperature, device)
+                run_once(*common, args.warmup, args.steps_per_iter, args.temperature, device, evaluate)
+                r = run_once(*common, args.iterations, args.steps_per_iter, args.temperature, device, evaluate)
                 it_s = args.iterations / r["wall_s"]
                 row = {"molecule": mol, "model": args.model, "arm": arm, "chains": n, "scouts": scouts,
                        "iterations": args.iterations, "wall_s": r["wall_s"], "iterations_per_s": it_s,

@@ -54,8 +54,8 @@ def render_html(nb: Any, title: str) -> str:
     return body
 
 
-#: Per-execution metadata (papermill's and nbclient's clocks): dropped so that a rerun gives the same bytes.
-_RUN_KEYS = ("start_time", "end_time", "duration", "execution")
+#: papermill's per-execution clocks (notebook and cell metadata): dropped so that a rerun gives the same bytes.
+_RUN_KEYS = ("start_time", "end_time", "duration")
 
 
 def strip_run_metadata(nb: Any) -> Any:
@@ -67,7 +67,7 @@ def strip_run_metadata(nb: Any) -> Any:
         for key in _RUN_KEYS:
             meta.pop(key, None)
     for i, cell in enumerate(nb.cells):
-        cell.metadata.pop("execution", None)
+        cell.metadata.pop("execution", None)  # nbclient's clocks
         cell.id = f"cell-{i}"
     return nb
 
