@@ -1,6 +1,7 @@
 """DVC stage `download`: fetch, verify (pinned sha256) and validate md17_<molecule>.npz into data/raw/."""
 
 import argparse
+import os
 import sys
 
 from crmse.data import DataError
@@ -26,4 +27,5 @@ if __name__ == "__main__":
         # The message names the source and what is wrong with it; a traceback adds nothing.
         sys.exit(f"download: {exc}")
     pinned = "pinned" if meta["sha256_pinned"] else "NOT pinned"
-    print(f"{args.molecule}: {meta['frames']} frames from {meta['source']} (sha256 {meta['sha256'][:12]}…, {pinned})")
+    source = os.path.expandvars(meta["source"])
+    print(f"{args.molecule}: {meta['frames']} frames from {source} (sha256 {meta['sha256'][:12]}…, {pinned})")

@@ -89,8 +89,21 @@ def test_mirror_folder_is_tried_before_upstream(tmp_path, server):
     mirror = tmp_path / "mirror"
     write_synthetic_npz(mirror / "md17_ethanol.npz")
     meta = _run(tmp_path, base, env={MIRROR_ENV: str(mirror)})
-    assert meta["source"] == f"{mirror}/md17_ethanol.npz"
+    assert meta["source"] == f"${MIRROR_ENV}/md17_ethanol.npz"
     assert handler.hits == []  # upstream never asked
+
+
+def test_the_metadata_does_not_depend_on_how_the_mirror_path_is_spelt(tmp_path, server, monkeypatch):
+    # A path in data/raw/<molecule>.json made the published download stage look modified on every machine
+    # whose mirror path was spelt differently.
+    base, _ = server
+    write_synthetic_npz(tmp_path / "mirror" / "md17_ethanol.npz")
+    monkeypatch.chdir(tmp_path)
+    written = []
+    for spelling in (str(tmp_path / "mirror"), "mirror", "./mirror/"):
+        _run(tmp_path, base, env={MIRROR_ENV: spelling})
+        written.append((tmp_path / "data/raw/ethanol.json").read_bytes())
+    assert written[0] == written[1] == written[2]
 
 
 def test_missing_mirror_file_falls_back_to_upstream(tmp_path, server):

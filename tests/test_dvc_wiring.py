@@ -183,3 +183,32 @@ def test_every_stage_depends_on_the_code_its_script_runs():
                          if f.name != "__init__.py" or f.parent.name != "crmse"
                          if not any(f == d or d in f.parents for d in deps))
         assert not missing, f"stage {name} runs code it does not depend on: {missing}"
+
+
+def _outputs(stage: dict) -> list[tuple[str, bool]]:
+    """(path, cached) of every out, metric and plot a stage declares, its matrix placeholders filled in."""
+    item = {"molecule": "ethanol", "size": "200", "seed": "0", "temperature": "auto", "arm": "crmse"}
+    found = []
+    for group in ("outs", "metrics", "plots"):
+        for entry in stage.get(group, []):
+            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+            for key, value in item.items():
+                path = path.replace(f"${{item.{key}}}", value)
+            found.append((path, (opts or {}).get("cache", True)))
+    return found
+
+
+def test_git_holds_exactly_the_outputs_dvc_does_not_cache():
+    # The published run is dvc.lock plus the cache: false outputs outside data/ (never committed); a cached
+    # output in git, or a published one that git ignores, bloats the repository or empties a clone's metrics.
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = [out for stage in _stages().values() for out in _outputs(stage)]
+    assert any(not cached for _, cached in outputs) and any(cached for _, cached in outputs)
+    for path, cached in outputs:
+        probe = path if Path(path).suffix else f"{path}/probe.csv"  # a folder output: a file inside it
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=REPO).returncode == 0
+        if path.startswith("data/"):
+            assert ignored, f"{path}: data must stay out of git"
+            continue
+        assert ignored == cached, f"{path}: {'cached by DVC but not' if cached else 'published but'} git-ignored"

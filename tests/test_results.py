@@ -74,6 +74,15 @@ def write_audit(folder: Path, arm: str) -> None:
         w.writerows(rows)
 
 
+def write_energy_curve(path: Path, shift: float) -> None:
+    """An energy histogram table as evaluate and reference write it (a Gaussian, shifted by ``shift`` kcal/mol)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = [-10 + 0.5 * i for i in range(41)]
+    with open(path, "w", newline="") as fh:
+        fh.write("energy_rel_kcal_mol,density\n")
+        fh.writelines(f"{e},{2.71828 ** (-((e - shift) ** 2) / 8) / 7.09}\n" for e in x)
+
+
 def write_tree(root: Path, temperatures: tuple[str, ...] = ("auto",)) -> None:
     """Metrics of ethanol and aspirin (n200, s0), three arms, reference noise floors; audits of ethanol only."""
     for molecule in ("ethanol", "aspirin"):
@@ -82,10 +91,12 @@ def write_tree(root: Path, temperatures: tuple[str, ...] = ("auto",)) -> None:
         for t in temperatures:
             floor = {"energy_w1": 0.1234, "hr_mae": 0.0101}
             floor.update({f"dihedral_{x.name}_rmse": 0.05 for x in TORSIONS[molecule]})
-            write_json(paths.reference_dir(t) / "metrics.json", {"reference": {}, "noise_floor": floor})
+            write_json(paths.reference_dir(t) / "metrics.json", {"reference": {"n_frames": 120}, "noise_floor": floor})
+            write_energy_curve(paths.reference_dir(t) / "plots/energy/reference.csv", shift=0.0)
             for arm in ARMS:
                 folder = paths.metrics_dir(t, arm)
                 write_json(folder / "metrics.json", arm_metrics(molecule, arm))
+                write_energy_curve(folder / "plots/energy" / f"{arm}.csv", shift=ARMS.index(arm))
                 if molecule == "ethanol":
                     write_audit(folder, arm)
                 else:
@@ -115,7 +126,7 @@ def table_row(block: str, molecule: str, label: str) -> str:
 
 
 def test_tables_on_fixture_metrics(project: Path) -> None:
-    _, text = generate(project, commit="abc1234", stale=False)
+    _, text, _ = generate(project, commit="abc1234", stale=False)
     block = block_of(text)
     assert "commit `abc1234`, the last to change `dvc.lock`" in block
     assert "Stale" not in block
@@ -158,9 +169,9 @@ def test_tables_on_fixture_metrics(project: Path) -> None:
 
 
 def test_stale_flag_and_no_commit(project: Path) -> None:
-    _, text = generate(project, commit="abc1234", stale=True)
+    _, text, _ = generate(project, commit="abc1234", stale=True)
     assert "at commit" not in text and "**Stale:** code or params changed since that run" in block_of(text)
-    _, text = generate(project, commit="", stale=False)
+    _, text, _ = generate(project, commit="", stale=False)
     assert "a `dvc.lock` that no commit holds yet" in text
 
 
@@ -179,10 +190,12 @@ def test_every_temperature_setting_gets_a_table(tmp_path: Path) -> None:
 
 
 def test_output_is_deterministic(project: Path) -> None:
-    first = generate(project, commit="abc1234", stale=False)[1]
+    _, first, png = generate(project, commit="abc1234", stale=False)
     (project / "README.md").write_text(first)
-    old, second = generate(project, commit="abc1234", stale=False)
+    old, second, png_again = generate(project, commit="abc1234", stale=False)
     assert first == second == old  # regenerating an up-to-date README changes nothing
+    assert png == png_again and png.startswith(b"\x89PNG")
+    assert f"]({results.FIGURE})" in block_of(first)
 
 
 def test_missing_metrics_name_the_files(project: Path) -> None:
@@ -265,6 +278,24 @@ def test_check_fails_on_a_modified_block_and_passes_on_the_generated_one(
     out = capsys.readouterr().out
     assert "-| replicas entering a spurious state | 11/64" in out
     assert "+| replicas entering a spurious state | 12/64" in out
+
+
+def test_check_fails_on_a_missing_or_changed_figure_and_write_redraws_it(
+    project: Path, offline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = ["--root", str(project)]
+    figure = project / results.FIGURE
+    assert results.main(["write", *root]) == 0
+    drawn = figure.read_bytes()
+    assert results.main(["check", *root]) == 0
+    figure.unlink()
+    assert results.main(["check", *root]) == 1
+    assert "is missing" in capsys.readouterr().err
+    assert results.main(["write", *root]) == 0 and figure.read_bytes() == drawn
+    # a curve the figure draws changes: the table is the same, the figure is not
+    write_energy_curve(RunPaths("aspirin", 200, 0, project).metrics_dir("auto", "mse") / "plots/energy/mse.csv", -4.0)
+    assert results.main(["check", *root]) == 1
+    assert "differs from the committed metrics" in capsys.readouterr().err
 
 
 def test_check_fails_when_a_metric_changes(project: Path, offline: None) -> None:

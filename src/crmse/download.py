@@ -188,7 +188,8 @@ def download(
                 meta = {
                     "molecule": molecule,
                     "variant": variant,
-                    "source": location,
+                    # the mirror's path differs between machines; the sha256 says which file it was
+                    "source": location if base == url else f"${MIRROR_ENV}/{name}",
                     "sha256": digest,
                     "sha256_pinned": pinned is not None,
                     "pinned_as": pinned,

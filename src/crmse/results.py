@@ -12,8 +12,11 @@ Three commands (``python -m crmse.results <command>``; ``make results``, ``make 
   ``noise_floor``) and, for ``auto``, ``models/<run>/mse_metrics.json`` (the resolved temperature). The
   block names the commit that last changed ``dvc.lock`` and says "stale" when ``dvc status`` reports a
   changed dependency, parameter, command or output of a stage the tables show (:func:`classify_status`).
-  Same inputs → same text: nothing in the block depends on the clock or the machine.
-* ``check``: exit 1, printing a diff, when README's block differs from what ``write`` would put there.
+  Same inputs → same text: nothing in the block depends on the clock or the machine. It also draws
+  :data:`FIGURE`, every table's energy distributions (reference pool and arms, from the committed
+  ``plots/energy`` curves), which the block shows.
+* ``check``: exit 1, printing a diff, when README's block or :data:`FIGURE` differs from what ``write`` would
+  put there.
 * ``fresh``: exit 1 when the committed ``dvc.lock`` does not match the code and params at HEAD for a stage
   behind the tables (:data:`RESULT_STAGES`): changed deps, params or commands fail; outputs that are
   merely absent (data, models and samples are not in git) do not.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import json
 import math
 import subprocess
@@ -38,13 +42,15 @@ from typing import Any
 import yaml
 
 from crmse.artifacts import ArtifactError, RunPaths, resolve_temperature, temperature_folder
-from crmse.io import read_json
+from crmse.io import read_json, write_bytes
 from crmse.molecules import TORSIONS
 from crmse.params import ParamsError, load_params
 from crmse.report.style import fmt, fmt_pm, num
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
+#: README's generated figure, below the project root.
+FIGURE = "docs/figures/results.png"
 #: Stages whose outputs the tables show, and every stage upstream of them (report and report_index are not).
 RESULT_STAGES = ("check_params", "download", "split", "pretrain", "posttrain", "sample", "reference", "evaluate",
                  "audit")
@@ -223,6 +229,30 @@ def run_title(run: RunResults) -> str:
             f" = {run.temperature_K:.1f} K")
 
 
+def render_figure(runs: Sequence[RunResults]) -> bytes:
+    """PNG of every table's energy distributions, one panel per table, two per row (same inputs → same bytes)."""
+    from crmse.report.figures import draw_energy
+    from crmse.report.run import RunData
+    from crmse.report.style import DPI, new_figure
+
+    ncols = min(2, max(1, len(runs)))
+    nrows = max(1, math.ceil(len(runs) / ncols))
+    fig, axes = new_figure(nrows, ncols, 6.5 * ncols, 4.6 * nrows)
+    for ax, run in zip(axes.flat, runs, strict=False):
+        data = RunData(paths=run.paths, temperature=run.temperature, arms=tuple(run.arms), params={}, rows=run.arms,
+                       reference=run.reference.get("reference") or {}, noise_floor=run.reference.get("noise_floor")
+                       or {}, train={}, logs={}, val={}, replicas={}, worst={})
+        draw_energy(ax, data)
+        ax.set_title(f"{run.paths.molecule}, n_train {run.paths.size}, seed {run.paths.seed}, "
+                     f"{temperature_folder(run.temperature)} = {run.temperature_K:.0f} K\n" + ax.get_title(),
+                     fontsize=10)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})  # no matplotlib version in the bytes
+    return buf.getvalue()
+
+
 def render_block(runs: Sequence[RunResults], commit: str, stale: bool) -> str:
     """The text between the markers (without them): provenance line, one table per run, the legend."""
     source = (f"commit `{commit}`, the last to change `dvc.lock`" if commit
@@ -233,6 +263,8 @@ def render_block(runs: Sequence[RunResults], commit: str, stale: bool) -> str:
                 "`make repro` redoes it)." if stale else "")]
     for run in runs:
         parts += [run_title(run), render_table(run)]
+    if runs:
+        parts.append(f"![Energy distributions of the DFT reference pool and of every arm's samples]({FIGURE})")
     parts.append("k/M: replicas of M. ± : standard deviation over bootstrap resamples of the replicas (audit: "
                  "sample sd over the n converged random frames). Noise floor: the same metric between two halves "
                  "of the DFT reference pool (audit: |label − DFT| on the pool frames that fix the DFT offset).")
@@ -426,8 +458,9 @@ def lock_uncommitted(root: str | Path = ".") -> bool:
 
 
 def generate(root: str | Path = ".", readme: str | Path = "README.md", params: str | Path = "params.yaml",
-             commit: str | None = None, stale: bool | None = None) -> tuple[str, str]:
-    """(README's current text, the text with a freshly generated block); ``commit``/``stale`` None: ask git/DVC."""
+             commit: str | None = None, stale: bool | None = None) -> tuple[str, str, bytes]:
+    """(README's current text, the text with a freshly generated block, :data:`FIGURE`'s PNG bytes);
+    ``commit``/``stale`` None: ask git/DVC."""
     root = Path(root)
     readme_path = root / readme
     if not readme_path.exists():
@@ -440,7 +473,7 @@ def generate(root: str | Path = ".", readme: str | Path = "README.md", params: s
     commit = lock_commit(root) if commit is None else commit
     stale = (not freshness(root).ok) if stale is None else stale
     text = readme_path.read_text()
-    return text, replace_block(text, render_block(runs, commit, stale))
+    return text, replace_block(text, render_block(runs, commit, stale)), render_figure(runs)
 
 
 def diff(old: str, new: str, name: str = "README.md") -> str:
@@ -467,18 +500,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + ", ".join(RESULT_STAGES))
             print(result.report())
             return 0 if result.ok else 1
-        old, new = generate(args.root, args.readme)
+        old, new, png = generate(args.root, args.readme)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    figure = Path(args.root) / FIGURE
+    same_figure = figure.exists() and figure.read_bytes() == png
     if args.command == "check":
         if old != new:
             sys.stdout.write(diff(old, new, args.readme))
             print(f"\n{args.readme}'s result block differs from the committed metrics: run `make results`",
                   file=sys.stderr)
+        if not same_figure:
+            print(f"{FIGURE} {'differs from' if figure.exists() else 'is missing; it is drawn from'} the committed "
+                  "metrics: run `make results`", file=sys.stderr)
+        if old != new or not same_figure:
             return 1
-        print(f"{args.readme}'s result block matches the committed metrics")
+        print(f"{args.readme}'s result block and {FIGURE} match the committed metrics")
         return 0
+    if not same_figure:
+        write_bytes(figure, png)
+        print(f"{FIGURE}: drawn")
     if old != new:
         (Path(args.root) / args.readme).write_text(new)
         print(f"{args.readme}: result block updated")
