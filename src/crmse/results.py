@@ -239,6 +239,7 @@ def render_figure(runs: Sequence[RunResults]) -> bytes:
     nrows = max(1, math.ceil(len(runs) / ncols))
     fig, axes = new_figure(nrows, ncols, 6.5 * ncols, 4.6 * nrows)
     for ax, run in zip(axes.flat, runs, strict=False):
+        # draw_energy reads only the energy curves, the reference pool's size, each arm's W1 and the noise floor
         data = RunData(paths=run.paths, temperature=run.temperature, arms=tuple(run.arms), params={}, rows=run.arms,
                        reference=run.reference.get("reference") or {}, noise_floor=run.reference.get("noise_floor")
                        or {}, train={}, logs={}, val={}, replicas={}, worst={})
