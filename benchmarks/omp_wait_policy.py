@@ -23,14 +23,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from md_throughput import REPO, device_info  # noqa: E402
+
 POLICIES = ("PASSIVE", "ACTIVE", "unset")
 
 
@@ -75,8 +79,8 @@ def main() -> int:
                         best.setdefault(name, {})[policy] = max(rate, best.get(name, {}).get(policy, 0.0))
                 print(f"round {i + 1}/{args.rounds}, {policy}: done", flush=True)
     result: dict[str, Any] = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor()
-        or platform.machine(), "cpus": os.cpu_count(), "load_average_end": os.getloadavg(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device_info": device_info(torch.device("cpu"), args.threads), "load_average_end": os.getloadavg(),
         "settings": vars(args), "best_rate": best,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
