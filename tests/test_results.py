@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def write_energy_curve(path: Path, shift: float) -> None:
     x = [-10 + 0.5 * i for i in range(41)]
     with open(path, "w", newline="") as fh:
         fh.write("energy_rel_kcal_mol,density\n")
-        fh.writelines(f"{e},{2.71828 ** (-((e - shift) ** 2) / 8) / 7.09}\n" for e in x)
+        fh.writelines(f"{e},{math.exp(-((e - shift) ** 2) / 8) / math.sqrt(8 * math.pi)}\n" for e in x)
 
 
 def write_tree(root: Path, temperatures: tuple[str, ...] = ("auto",)) -> None:
