@@ -10,21 +10,16 @@ same bytes for the same seed, so an identical rerun changes no dependency downst
 device go to timings/<run>/posttrain_<arm>.json, on which no stage depends.
 """
 
-import os
+import sys
+from typing import Any
 
-# Before torch loads OpenMP: on a shared CPU, spinning OpenMP threads slow training (as in pretrain).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import sys  # noqa: E402
-from typing import Any  # noqa: E402
-
-from crmse.artifacts import POSTTRAINED, RunPaths, load_split, resolve_temperature  # noqa: E402
-from crmse.contrastive import VAL_COLUMNS, CRMSEConfig, CRMSEResult, chain_monitors, train_crmse  # noqa: E402
-from crmse.holes import HoleConfig  # noqa: E402
-from crmse.io import write_json  # noqa: E402
-from crmse.model import load_checkpoint, resolve_device, save_checkpoint  # noqa: E402
-from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params  # noqa: E402
-from crmse.train import evaluate_errors, write_log_csv  # noqa: E402
+from crmse.artifacts import POSTTRAINED, RunPaths, load_split, resolve_temperature
+from crmse.contrastive import VAL_COLUMNS, CRMSEConfig, CRMSEResult, chain_monitors, train_crmse
+from crmse.holes import HoleConfig
+from crmse.io import write_json
+from crmse.model import load_checkpoint, resolve_device, save_checkpoint
+from crmse.stage import configure_torch, input_errors, run_parser, run_paths, stage_params
+from crmse.train import evaluate_errors, write_log_csv
 
 
 def run_metrics(arm: str, result: CRMSEResult, val_err: dict[str, float], test_err: dict[str, float]

@@ -5,17 +5,11 @@ for the same seed, so an identical rerun changes no dependency downstream — an
 (wall times and throughput, which vary from run to run; no stage depends on it).
 """
 
-import os
+import sys
 
-# Before torch loads OpenMP: on a shared CPU, spinning OpenMP threads slow training ~50x
-# (measured: 2.1 s instead of 40 ms per batch with other jobs running); passive waiting avoids it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import sys  # noqa: E402
-
-from crmse.stage import configure_torch, input_errors, run_parser, stage_params  # noqa: E402
-from crmse.temperature import ImplausibleTemperatureError  # noqa: E402
-from crmse.train import pretrain  # noqa: E402
+from crmse.stage import configure_torch, input_errors, run_parser, stage_params
+from crmse.temperature import ImplausibleTemperatureError
+from crmse.train import pretrain
 
 if __name__ == "__main__":
     args = run_parser(__doc__).parse_args()

@@ -66,7 +66,7 @@ class DFTSettings:
     # J-fitting with PySCF's default auxiliary basis (def2-*-jkfit for def2 sets): it reproduces
     # the rMD17 labels (ORCA uses RI-J by default for GGAs) 8x closer than exact J, and is faster.
     density_fit: bool = True
-    grid_level: int = 3
+    grid_level: int = 2
     soscf_fallback: bool = True  # retry a failed DIIS SCF with second-order SCF (mf.newton())
     threads: int = 2
 
