@@ -34,8 +34,8 @@ repro: $(STAMP)
 	dvc repro
 
 # The tests run beside other jobs: idle OpenMP threads sleep instead of spinning (spinning on a busy machine
-# made torch steps 10-50x slower). `make repro`, alone on the machine, keeps the runtime's default, which is
-# ~2x faster there (benchmarks/README.md, "OpenMP wait policy").
+# made torch steps 10-50x slower). `make repro`, alone on the machine, keeps the runtime's default: its stages
+# run 1.2-1.9x faster there (benchmarks/README.md, "OpenMP wait policy").
 test: export OMP_WAIT_POLICY := PASSIVE
 test: $(STAMP)
 	python -m pytest -q
