@@ -20,18 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from crmse.params import deep_merge, for_molecule, validate  # noqa: E402
-
-
-def preset_params(preset: str) -> dict[str, Any]:
-    """params.yaml with presets/<preset>.yaml merged in and validated (as `make preset` would write it)."""
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    return validate(deep_merge(base, yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text()) or {}))
+from crmse.params import for_molecule, validate  # noqa: E402
+from crmse.presets import merge_preset  # noqa: E402
 
 
 def run_hours(p: dict[str, Any], n_train: int, rates: dict[str, Any]) -> dict[str, float]:
@@ -56,7 +49,7 @@ def main() -> int:
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--rates", default=str(REPO / "benchmarks" / "rates_h200.json"))
     args = ap.parse_args()
-    params = preset_params(args.preset)
+    params = validate(merge_preset(args.preset, REPO / "params.yaml", REPO / "presets"))
     rates = json.loads(Path(args.rates).read_text())
     missing = [m for m in params["molecules"] if m not in rates["rates"]]
     if missing:

@@ -14,8 +14,8 @@ from crmse.io import atomic_path
 from crmse.params import ParamsError, deep_merge, validate
 
 
-def apply_preset(name: str, params_path: str | Path = "params.yaml", presets_dir: str | Path = "presets") -> dict:
-    """Merge the preset into ``params_path`` (written atomically only if the result validates)."""
+def merge_preset(name: str, params_path: str | Path = "params.yaml", presets_dir: str | Path = "presets") -> dict:
+    """``params_path`` with the preset merged in, validated; nothing is written."""
     preset_file = Path(presets_dir) / f"{name}.yaml"
     if not preset_file.exists():
         known = sorted(p.stem for p in Path(presets_dir).glob("*.yaml"))
@@ -23,6 +23,12 @@ def apply_preset(name: str, params_path: str | Path = "params.yaml", presets_dir
     params = yaml.safe_load(Path(params_path).read_text())
     merged = deep_merge(params, yaml.safe_load(preset_file.read_text()) or {})
     validate(merged)
+    return merged
+
+
+def apply_preset(name: str, params_path: str | Path = "params.yaml", presets_dir: str | Path = "presets") -> dict:
+    """Merge the preset into ``params_path`` (written atomically only if the result validates)."""
+    merged = merge_preset(name, params_path, presets_dir)
     with atomic_path(params_path) as tmp:
         tmp.write_text(
             f"# preset: {name} (applied with `make preset PRESET={name}`; comments of the original were dropped)\n"
