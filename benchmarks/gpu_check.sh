@@ -14,7 +14,7 @@
 #                      SOURCES.md); without it the pipeline slice is skipped (benchmarks use the test fixture)
 #   GPU_CHECK_OUT      results folder (default: $OUT/gpu_check when $OUT is set, else a new temporary folder)
 #   PYTHON             interpreter (default: .venv/bin/python of the checkout if present, else python3)
-#   BUDGET_S           wall-clock budget in s (default 450 on a GPU, 900 with TINY=1): every section runs under
+#   BUDGET_S           wall-clock budget in s (default 480 on a GPU, 900 with TINY=1): every section runs under
 #                      `timeout`, capped by what is left; a section that would start with < 10 s left is skipped
 #   THREADS            torch CPU threads (default 4; 1 with TINY=1)
 #   KEEP=1             keep the temporary project copy (printed path)
@@ -41,7 +41,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TINY="${TINY:-0}"
 T0=$(date +%s)
 if [[ "$TINY" == 1 ]]; then BUDGET_S="${BUDGET_S:-900}"; THREADS="${THREADS:-1}"; else
-  BUDGET_S="${BUDGET_S:-450}"; THREADS="${THREADS:-4}"; fi
+  BUDGET_S="${BUDGET_S:-480}"; THREADS="${THREADS:-4}"; fi
 if [[ -n "${GPU_CHECK_OUT:-}" ]]; then RES="$GPU_CHECK_OUT"
 elif [[ -n "${OUT:-}" ]]; then RES="$OUT/gpu_check"
 else RES="$(mktemp -d -t gpu_check.XXXXXX)"; fi
@@ -226,6 +226,12 @@ else
       run "sample $arm" "${CAP[4]}" sample.py "${P[@]}" 500 "$arm" &&
         run "evaluate $arm" "${CAP[5]}" evaluate.py "${P[@]}" 500 "$arm" || true
     done
+    # The sample stage's engine on the slice's MSE model, eager against torch.compile; on the GPU all pairs
+    # (static shapes) in mode reduce-overhead, i.e. with CUDA graphs.
+    if [[ "$TINY" == 1 ]]; then CMD=(--device cpu --replicas 3 --steps 5 --rounds 1); else
+      CMD=(--device cuda --replicas 1024 --skin 0 --mode reduce-overhead --steps 200 --rounds 2); fi
+    section "compile_md" 90 "$PYTHON" "$B/compile_md.py" --workspace "$PROJ" --molecules ethanol --size "$SIZE" \
+      "${CMD[@]}" --threads "$THREADS" --out "$RES/compile_md.json" || true
   fi
   # Small outputs of the slice (stage timings, metrics, logs, params) next to the benchmark results.
   mkdir -p "$RES/pipeline"
@@ -287,6 +293,14 @@ if f.exists():
     for r in json.loads(f.read_text())["rows"]:
         print(f"| {r['arm']} | {r['chains']} | {r['scouts']} | {r['iterations_per_s']:.2f} | "
               f"{r['chain_steps_per_s']:.0f} |")
+f = res / "compile_md.json"
+if f.exists():
+    d = json.loads(f.read_text())
+    print(f"\n## the sample stage's engine, eager vs torch.compile ({d['device_name']}, mode {d['args']['mode']})"
+          "\n\n| molecule | R | skin Å | compile s | eager | compiled | compiled/eager |\n|---|---|---|---|---|---|---|")
+    for r in d["rows"]:
+        print(f"| {r['molecule']} | {r['replicas']} | {r['skin']} | {r['compile_s']:.0f} | "
+              f"{max(r['rates']['eager']):.0f} | {max(r['rates']['compiled']):.0f} | {r['ratio_best']:.2f} |")
 f = res / "train_throughput.json"
 if f.exists():
     d = json.loads(f.read_text())
