@@ -7,7 +7,8 @@ list of ``md.skin``, pruned every step, so the pair count changes from step to s
 seed and replicas; rounds alternate between the two so that a change in machine load hits both. Printed and written to
 benchmarks/out/compile_md.json: the compile time (the compiled engine's set-up and first steps, less the
 eager one's), replica-steps per wall second per round, their ratio, the number of steps the compile time
-takes to repay, and the largest force difference between the two on the start frames (kcal/mol/Å).
+takes to repay, and the largest force difference between the two models on the eager run's last positions
+(kcal/mol/Å).
 
 ``--mode reduce-overhead`` adds CUDA graphs on a GPU (static shapes: use it with ``--skin 0``); on a CPU it
 compiles as ``default`` does.
