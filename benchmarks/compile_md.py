@@ -43,6 +43,7 @@ from crmse.langevin import Langevin  # noqa: E402
 from crmse.model import load_checkpoint  # noqa: E402
 from crmse.pairlist import VerletPotential  # noqa: E402
 from crmse.params import load_params  # noqa: E402
+from crmse.stage import configure_torch  # noqa: E402
 from crmse.units import masses  # noqa: E402
 
 WARM_STEPS = 2  # the compiled engine compiles in its first steps (forward and backward, first shapes)
@@ -118,9 +119,7 @@ def main() -> None:
     device, reason = pick_device(args.device)
     if device is None:
         sys.exit(f"compile_md: skipped: {reason}")
-    torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)  # as the stages do on a CPU
+    configure_torch({"torch_threads": args.threads, "device": device.type})  # threads and kernels as the stages
     result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "load_average": os.getloadavg(), "args": vars(args),
               **device_info(device, args.threads),
